@@ -1,0 +1,557 @@
+"""Sampling: DDIM and Euler with classifier-free guidance, and the CLI that writes samples.npz for fid.py.
+
+    python sample.py --ckpt run/checkpoints/last.pt --ema --num-samples 64 --out preview.npz --grid grid.png
+    torchrun --nproc_per_node=8 sample.py --ckpt run/checkpoints/last.pt --ema --num-samples 50000 --out samples.npz
+    python sample.py --ckpt text.pt --context prompts.npy --num-samples 1000 --cfg 2.0 --out text.npz
+
+One time convention for every objective (schedules.py): x_t = alpha_t x_0 + sigma_t eps, t in [0, 1], t = 1 noise.
+The network's prediction D gives both estimates of the pair, z0_hat = x0_from_pred and eps_hat = noise_from_pred
+(Table 1), so every sampler below runs every objective:
+
+    ddim   x_s = alpha_s z0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c n,  n ~ N(0, I)   (Song et al. 2021, Eq. 12)
+           c = 0 (eta = 0) is deterministic DDIM; eta > 0 the stochastic family, eta = 1 ancestral DDPM.
+           The update holds for any alpha / sigma path, flow's included.
+    euler  x_s = x_t + (s - t) (alpha'_t z0_hat + sigma'_t eps_hat): an Euler step of the probability-flow ODE
+           dx/dt = E[alpha' x_0 + sigma' eps | x_t]. For flow this is x_t + (s - t) v, the paper's Euler solver;
+           on flow's straight path it is the same update as DDIM with eta = 0.
+
+The last step returns z0_hat at the last time above 0 (what DDIM lands on at s = 0: alpha = 1, sigma = 0).
+
+Time grids (`sampling_times`): flow uses `steps` even intervals of [0, 1], moved by the resolution shift
+diffusion.shift (SD3). DDPM uses a "trailing" subset of its 1000 training steps, k = 999, 979, ..., 19 for 50 steps
+(diffusers' "trailing" spacing): evenly spaced, it includes t = 1, where sampling starts from pure noise, as Lin et al.
+2024 (Sec. 3.3) require with zero terminal SNR; the older "leading" spacing starts at k = 981 and never shows the
+network the noise level it is handed. With zero terminal SNR, alpha_1 = 0: v recovers z0_hat = -v there, but eps
+cannot ((x - sigma eps) / alpha), and the Euler slope alpha' is infinite (alpha ~ sqrt(1 - t)). In those two cases
+the grid starts at the first training step below t = 1 (k = 998), with the noise taken as x_t there.
+
+Reproducibility: sample i draws its initial noise (and its DDIM eta noise) from its own numpy generator, the i-th
+child of numpy.random.SeedSequence(seed): an independent stream for every (seed, i). (Not torch.Generator seeded
+with seed * 2**32 + i: torch's CPU generator keeps only the low 32 bits of a seed, so every --seed would give the
+same images.) Random class labels come from numpy.random.default_rng(seed). The images therefore do not depend on
+the batch size, the number of ranks or the device, up to the floating-point differences between kernels.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from schedules import Diffusion, resolution_shift
+
+SAMPLERS = ("ddim", "euler")
+GRID_MAX_IMAGES = 64
+CHECKPOINT_KEYS = ("model", "ema", "model_config", "diffusion", "args", "step")
+
+
+def default_cfg_scale(resolution):
+    """The paper's guidance scales (Sec. 4.1, following DiT and LDM): 1.5 at 256, 2.0 at 512. Other resolutions take
+    1.5 below 512 and 2.0 from 512 up."""
+    return 1.5 if resolution < 512 else 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time grids
+# ----------------------------------------------------------------------------------------------------------------
+
+def starts_below_one(diffusion, sampler):
+    """True where t = 1 cannot be sampled from: a DDPM path with zero terminal SNR (alpha_1 = 0) under an eps
+    network (z0_hat = (x - sigma eps) / alpha divides by zero) or under Euler (alpha' ~ 1 / sqrt(1 - t) blows up)."""
+    ztsnr = not diffusion.is_flow and diffusion.zero_terminal_snr
+    return ztsnr and (diffusion.objective == "eps" or sampler == "euler")
+
+
+def sampling_times(diffusion, steps, sampler):
+    """The steps + 1 times t_0 > t_1 > ... > t_steps = 0 the sampler visits, as Python floats.
+
+    flow: resolution_shift(linspace(1, 0, steps + 1), diffusion.shift).
+    DDPM: the trailing spacing over the training grid t = n / num_steps (n = k + 1): n_i = round(top (1 - i / steps)),
+    top = num_steps (t = 1) or num_steps - 1 (see starts_below_one), then 0.
+    """
+    if diffusion.is_flow:
+        return resolution_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), diffusion.shift).tolist()
+    top = diffusion.num_steps - 1 if starts_below_one(diffusion, sampler) else diffusion.num_steps
+    if steps > top:
+        raise ValueError(f"steps={steps} is more than the {top} training steps this DDPM schedule can sample from")
+    fractions = 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+    grid_points = torch.round(top * fractions)  # distinct: they are at least top / steps >= 1 apart
+    return (grid_points / diffusion.num_steps).tolist() + [0.0]
+
+
+def path_coefficients(diffusion, t):
+    """(alpha_t, sigma_t) at one time, as Python floats (computed in float64 on the CPU: no device sync)."""
+    alpha, sigma = diffusion.alpha_sigma(torch.tensor([t], dtype=torch.float64))
+    return alpha.item(), sigma.item()
+
+
+def path_slopes(diffusion, t, h=1e-7):
+    """(d alpha / dt, d sigma / dt) just below t, the direction sampling moves: a one-sided difference in float64.
+    Exact for flow's straight path; DDPM's abar is piecewise linear in t, so this is the slope of the step below t."""
+    alpha, sigma = path_coefficients(diffusion, t)
+    alpha_below, sigma_below = path_coefficients(diffusion, t - h)
+    return (alpha - alpha_below) / h, (sigma - sigma_below) / h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step of each sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+def ddim_step(diffusion, z0_hat, eps_hat, t, s, eta, noise_like):
+    """Song et al. 2021, Eq. 12 for a general path: x_s = alpha_s z0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c n with
+    c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2), the std of q(x_s | x_t, x_0) times eta
+    (Eq. 16 when alpha^2 + sigma^2 = 1). noise_like(x) draws n."""
+    alpha_t, sigma_t = path_coefficients(diffusion, t)
+    alpha_s, sigma_s = path_coefficients(diffusion, s)
+    x = alpha_s * z0_hat
+    if eta == 0:
+        return x + sigma_s * eps_hat
+    snr_ratio = (alpha_t * sigma_s / (alpha_s * sigma_t)) ** 2  # SNR_t / SNR_s, in [0, 1] for s < t
+    c = eta * sigma_s * math.sqrt(max(1.0 - snr_ratio, 0.0))
+    return x + math.sqrt(max(sigma_s**2 - c**2, 0.0)) * eps_hat + c * noise_like(x)
+
+
+def euler_step(diffusion, x, z0_hat, eps_hat, t, s):
+    """x_s = x_t + (s - t) dx/dt with the probability-flow velocity dx/dt = alpha'_t z0_hat + sigma'_t eps_hat
+    (for flow: -z0_hat + eps_hat = the predicted velocity v)."""
+    alpha_slope, sigma_slope = path_slopes(diffusion, t)
+    return x + (s - t) * (alpha_slope * z0_hat + sigma_slope * eps_hat)
+
+
+def standard_normal(shape, generator, dtype=torch.float32):
+    """N(0, I) noise of `shape` from a torch.Generator (on its device) or a numpy.random.Generator (on the CPU)."""
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(generator.standard_normal(shape, dtype=np.float32)).to(dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+
+
+def row_noise(generator):
+    """noise_like(x) for the stochastic DDIM: from one torch.Generator for the batch, from a list of one generator
+    per row (torch or numpy: a row's noise then does not depend on the batch it is in), or the global RNG (None)."""
+    def noise_like(x):
+        if isinstance(generator, (list, tuple)):
+            return torch.stack([standard_normal(x.shape[1:], g, x.dtype) for g in generator]).to(x.device)
+        if generator is None:
+            return torch.randn_like(x)
+        return standard_normal(x.shape, generator, x.dtype).to(x.device)
+    return noise_like
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance and the sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+def guided_prediction(model_fn, x, t, cond, null_cond, cfg_scale):
+    """Ho & Salimans 2021: pred = null + w (cond - null), both halves in ONE forward of batch 2B (conditional rows
+    first). w = 1 is the conditional prediction: one forward of batch B, the null half is never computed."""
+    if cfg_scale == 1.0:
+        return model_fn(x, t, cond).to(x.dtype)
+    both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond])).to(x.dtype)  # (2B, ...)
+    pred_cond, pred_null = both.chunk(2)
+    return pred_null + cfg_scale * (pred_cond - pred_null)
+
+
+def check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, eta, generator):
+    """Every bad argument of sample() as one clear error, before any network call."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {sampler!r}")
+    if noise.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"noise must be float32 or float64 (the sampler's state), got {noise.dtype}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if eta > 0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} is the stochastic DDIM: it needs sampler='ddim', got {sampler!r}")
+    if generator is not None and eta == 0:
+        raise ValueError("a generator is only used by the stochastic sampler (eta > 0); eta is 0")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(noise):
+        raise ValueError(f"generator is a list of {len(generator)}, expected one per row of noise ({len(noise)})")
+    for name, value in (("cond", cond), ("null_cond", null_cond)):
+        if torch.is_tensor(value) and value.shape[0] != noise.shape[0]:
+            raise ValueError(f"{name} has {value.shape[0]} rows, noise has {noise.shape[0]}")
+    if cfg_scale != 1.0:
+        if cond is None or null_cond is None:
+            raise ValueError(f"cfg_scale={cfg_scale} needs both cond and null_cond (guidance mixes the two)")
+        if cond.shape != null_cond.shape:
+            raise ValueError(f"cond {tuple(cond.shape)} and null_cond {tuple(null_cond.shape)} must have one shape")
+
+
+@torch.no_grad()
+def sample(model_fn, diffusion, noise, steps=50, sampler=None, cfg_scale=1.0, cond=None, null_cond=None, eta=0.0,
+           generator=None):
+    """Integrate from `noise` (taken as x at the first time of the grid) down to the clean latent z0.
+
+    model_fn(x, t, cond) -> the network's prediction (eps, v or velocity), t a (B,) float tensor in [0, 1].
+    sampler: "ddim" | "euler" | None (ddim for eps / v, euler for flow, as in the paper, Sec. 4.1).
+    cfg_scale, cond, null_cond: classifier-free guidance, see guided_prediction; cond / null_cond are whatever
+        model_fn takes ((B,) labels, (B, L, D) contexts), with B rows. null_cond is unused when cfg_scale == 1.
+    eta, generator: stochastic DDIM (eta in (0, 1]); generator is a torch.Generator, a list of one generator per
+        row (torch.Generator or numpy.random.Generator), or None for the global RNG.
+    Returns z0_hat at the last step, in the noise's dtype (float32 or float64) whatever autocast the model runs in.
+    """
+    sampler = sampler if sampler is not None else ("euler" if diffusion.is_flow else "ddim")
+    check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, eta, generator)
+    times = sampling_times(diffusion, steps, sampler)
+    noise_like = row_noise(generator)
+    x = noise
+    for t, s in zip(times[:-1], times[1:]):
+        t_batch = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)  # (B,)
+        pred = guided_prediction(model_fn, x, t_batch, cond, null_cond, cfg_scale)
+        z0_hat = diffusion.x0_from_pred(x, pred, t_batch)
+        if s == 0.0:
+            return z0_hat
+        eps_hat = diffusion.noise_from_pred(x, pred, t_batch)
+        if sampler == "ddim":
+            x = ddim_step(diffusion, z0_hat, eps_hat, t, s, eta, noise_like)
+        else:
+            x = euler_step(diffusion, x, z0_hat, eps_hat, t, s)
+    raise AssertionError("unreachable: sampling_times always ends at t = 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MMDiT adapter: cond -> y= or context=
+# ----------------------------------------------------------------------------------------------------------------
+
+def mmdit_model_fn(model):
+    """model_fn(x, t, cond) for an MMDiT `model(x, t, y=None, context=None)`: cond is passed as y= (class labels)
+    when the model has num_classes, as context= (text embeddings) when it has context_dim, and must be None when
+    it has neither."""
+    if model.num_classes and model.context_dim:
+        raise ValueError("this sampler takes one condition per model: labels or context, not both")
+    if model.num_classes:
+        return lambda x, t, cond: model(x, t, y=cond)
+    if model.context_dim:
+        return lambda x, t, cond: model(x, t, context=cond)
+
+    def unconditional(x, t, cond):
+        if cond is not None:
+            raise ValueError("this MMDiT has neither num_classes nor context_dim: cond must be None")
+        return model(x, t)
+    return unconditional
+
+
+def null_condition(model, cond):
+    """The "no condition" input of classifier-free guidance: the extra label row model.num_classes for class models,
+    an all-zero context for text models."""
+    if model.num_classes:
+        return torch.full_like(cond, model.num_classes)
+    return torch.zeros_like(cond)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: [-1, 1] floats -> uint8, grids, atomic files
+# ----------------------------------------------------------------------------------------------------------------
+
+def nonfinite_images(images):
+    """(B,) bool: which images hold a NaN or an Inf."""
+    return ~torch.isfinite(images).flatten(1).all(dim=1)
+
+
+def latents_to_uint8(images):
+    """Decoded images in [-1, 1], (B, 3, H, W) tensor -> uint8 (B, H, W, 3) numpy (the ADM evaluator's layout):
+    round((x + 1) * 127.5), clipped to [0, 255]. Raises on NaN / Inf, which have no uint8 value."""
+    bad = int(nonfinite_images(images).sum())
+    if bad:
+        raise ValueError(f"{bad} of {len(images)} images hold NaN/Inf values: no uint8 image for them")
+    pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+
+
+def atomic_write(path, write):
+    """write(file_object) into a temporary file beside `path`, then os.replace: readers never see half a file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def save_grid(images, path, ncols=None):
+    """uint8 (N, H, W, 3) numpy images -> one PNG, row by row, ncols wide (default ceil(sqrt(N))); black fills
+    the last row."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"save_grid expects uint8 (N, H, W, 3) numpy images, got "
+                         f"{type(images).__name__} {getattr(images, 'dtype', '')} {getattr(images, 'shape', '')}")
+    n, height, width, _ = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((nrows * ncols, height, width, 3), dtype=np.uint8)
+    grid[:n] = images
+    grid = grid.reshape(nrows, ncols, height, width, 3).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, 3)
+    picture = Image.fromarray(grid.reshape(nrows * height, ncols * width, 3))
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def write_samples(path, images, labels, meta):
+    """samples.npz: arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads), labels (N,) int64 (the class, the
+    --context row, or -1 for an unconditional model: meta["labels"] says which), meta a JSON string."""
+    def write(f):
+        np.savez(f, arr_0=images, labels=labels, meta=np.array(json.dumps(meta)))
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling one rank's share
+# ----------------------------------------------------------------------------------------------------------------
+
+def sample_generator(seed, index):
+    """Sample `index`'s own generator, the index-th child of SeedSequence(seed): its noise does not depend on the
+    batch, the rank or the device, and no two (seed, index) pairs share a stream."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, conditions=None, null_fn=None,
+                 batch_size=32, steps=50, sampler=None, cfg_scale=1.0, eta=0.0, device="cpu", autocast_dtype=None,
+                 progress=False):
+    """Sample, decode and convert the images of `indices` (sample numbers in the whole run).
+
+    conditions: None or an array indexed by sample number ((num,) labels, (num, L, D) contexts: a numpy memmap is
+        fine, rows are read batch by batch); null_fn(cond) -> the null condition (needed when cfg_scale != 1).
+    decode(latents) -> images in [-1, 1]. autocast_dtype: torch.bfloat16 to run the network under autocast.
+    Returns (uint8 (len(indices), H, W, 3), the number of decoded images that held NaN / Inf: those come back black).
+    """
+    device = torch.device(device)
+    batches, nonfinite = [], 0
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc="sampling", disable=not progress):
+        batch = list(indices[start:start + batch_size])
+        generators = [sample_generator(seed, i) for i in batch]
+        noise = torch.stack([standard_normal(latent_shape, g) for g in generators]).to(device)  # (b, C, h, w)
+        cond = null_cond = None
+        if conditions is not None:
+            cond = torch.from_numpy(np.ascontiguousarray(conditions[batch])).to(device)
+            cond = cond.float() if cond.is_floating_point() else cond
+            null_cond = null_fn(cond) if cfg_scale != 1.0 else None
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with autocast:
+            z0 = sample(model_fn, diffusion, noise, steps, sampler, cfg_scale, cond, null_cond, eta,
+                        generators if eta > 0 else None)
+        with torch.no_grad():
+            images = decode(z0).float()  # (b, 3, H, W) in [-1, 1]
+        bad = nonfinite_images(images)
+        nonfinite += int(bad.sum())
+        # a batch with NaN images is still counted to the end, and then nothing is written (main() refuses)
+        batches.append(latents_to_uint8(images.masked_fill(bad[:, None, None, None], -1.0)))
+    return np.concatenate(batches), nonfinite
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint, labels, distributed gather
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_checkpoint(path, ema):
+    """train.py's checkpoint -> (MMDiT with the "ema" or "model" weights, Diffusion, the checkpoint dict)."""
+    from model import MMDiT  # model.py is only needed to run the CLI, not to use sample()
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a train.py checkpoint, missing keys {missing} "
+                         f"(expected {list(CHECKPOINT_KEYS)})")
+    weights = "ema" if ema else "model"
+    model = MMDiT(**checkpoint["model_config"])
+    try:
+        model.load_state_dict(checkpoint[weights])  # strict: its error lists every missing / unexpected key
+    except RuntimeError as error:
+        raise ValueError(f"{path}: ['{weights}'] does not fit MMDiT(**model_config): {error}") from error
+    return model.eval().requires_grad_(False), Diffusion(**checkpoint["diffusion"]), checkpoint
+
+
+def class_labels(args, num_classes, parser):
+    """(num,) int64 labels: --labels cycled over the samples, --labels-per-class i mod num_classes (equal counts),
+    else uniform draws from numpy.random.default_rng(seed)."""
+    if args.labels is not None:
+        try:
+            chosen = [int(label) for label in args.labels.split(",")]
+        except ValueError:
+            parser.error(f"--labels must be comma-separated integers, got {args.labels!r}")
+        outside = [label for label in chosen if not 0 <= label < num_classes]
+        if outside:
+            parser.error(f"--labels {outside} outside the model's classes 0..{num_classes - 1}")
+        return np.resize(np.array(chosen, dtype=np.int64), args.num_samples)
+    if args.labels_per_class:
+        if args.num_samples % num_classes:
+            parser.error(f"--labels-per-class needs --num-samples to be a multiple of the {num_classes} classes, "
+                         f"got {args.num_samples}")
+        return np.arange(args.num_samples, dtype=np.int64) % num_classes
+    return np.random.default_rng(args.seed).integers(0, num_classes, args.num_samples, dtype=np.int64)
+
+
+def text_contexts(args, context_dim, parser):
+    """--context FILE.npy: one (L, D) embedding per sample, memory-mapped."""
+    if args.context is None:
+        parser.error(f"{args.ckpt} is a text-conditioned model (context_dim {context_dim}): give --context FILE.npy")
+    contexts = np.load(args.context, mmap_mode="r")
+    if contexts.ndim != 3 or contexts.shape[0] != args.num_samples or contexts.shape[2] != context_dim:
+        parser.error(f"--context {args.context} has shape {contexts.shape}, expected ({args.num_samples}, L, "
+                     f"{context_dim}): one embedding per sample (--num-samples) of the model's context_dim")
+    return contexts
+
+
+def gather_to_rank0(images, out, rank, world_size):
+    """Each rank's images (samples rank, rank + W, ...) -> the whole run on rank 0 (None elsewhere), through part
+    files beside `out` (no size limit, no GPU memory), removed once read."""
+    part = out.with_name(f".{out.name}.rank{rank}-of-{world_size}.npy")
+    atomic_write(part, lambda f: np.save(f, images))
+    dist.barrier()
+    if rank != 0:
+        return None
+    parts = [out.with_name(f".{out.name}.rank{r}-of-{world_size}.npy") for r in range(world_size)]
+    shares = [np.load(p, mmap_mode="r") for p in parts]
+    everything = np.empty((sum(len(s) for s in shares), *images.shape[1:]), dtype=np.uint8)
+    for r, share in enumerate(shares):
+        everything[r::world_size] = share
+    for p in parts:
+        p.unlink()
+    return everything
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Sample a train.py checkpoint into samples.npz (+ a PNG grid).")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--ema", action="store_true", help="sample with the EMA weights instead of the raw ones")
+    parser.add_argument("--vae", default=None, help="autoencoder weights (default: the checkpoint's args['vae'])")
+    # not --num: torchrun's own parser takes "--num" for an abbreviation of its --numa-binding and stops
+    parser.add_argument("--num-samples", type=int, default=50_000, help="number of images (50k for FID)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (network evaluations)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance scale w (default: 1.5 below 512 px, 2.0 from 512; 1 for unconditional models)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples.npz", help="output .npz (arr_0 uint8 NHWC, labels, meta)")
+    parser.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--labels", default=None, help="class labels, e.g. 1,2,3, cycled over the samples")
+    labels.add_argument("--labels-per-class", action="store_true",
+                        help="equal counts per class: sample i gets class i mod num_classes")
+    parser.add_argument("--context", default=None, help="(num, L, D) .npy text embeddings (text models)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim for eps/v, euler for flow")
+    parser.add_argument("--eta", type=float, default=0.0, help="stochastic DDIM (Song et al. Eq. 12), in [0, 1]")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                        help="network and decoder precision (default: bf16 on CUDA, fp32 on CPU)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.steps < 1:
+        parser.error("--num-samples, --batch-size and --steps must be positive")
+    if args.seed < 0:
+        parser.error(f"--seed must be non-negative (numpy SeedSequence entropy), got {args.seed}")
+    if not 0.0 <= args.eta <= 1.0:
+        parser.error(f"--eta must be in [0, 1], got {args.eta}")
+    if Path(args.out).suffix != ".npz":
+        parser.error(f"--out must end in .npz, got {args.out}")
+    return parser, args
+
+
+def setup_distributed():
+    """(rank, world_size, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    rank, world_size, device = setup_distributed()
+    try:
+        run(parser, args, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(parser, args, rank, world_size, device):
+    from autoencoder import load_autoencoder  # autoencoder.py is only needed to run the CLI
+
+    model, diffusion, checkpoint = load_checkpoint(args.ckpt, args.ema)
+    model.to(device)
+    sampler = args.sampler or ("euler" if diffusion.is_flow else "ddim")
+    if args.eta > 0 and sampler != "ddim":
+        parser.error(f"--eta {args.eta} is the stochastic DDIM: it needs --sampler ddim "
+                     f"(this model defaults to {sampler})")
+    vae = args.vae or checkpoint["args"].get("vae")
+    if not vae:
+        parser.error(f"no --vae given and {args.ckpt} has no args['vae'] to default to")
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    precision = torch.bfloat16 if dtype == "bf16" else torch.float32  # never fp16: its range overflows in decoders
+    autoencoder = load_autoencoder(vae, device=device, dtype=precision)  # frozen, in eval mode
+
+    config = checkpoint["model_config"]
+    if autoencoder.latent_channels != config["in_channels"]:
+        raise ValueError(f"--vae {vae} has {autoencoder.latent_channels} latent channels, {args.ckpt} expects "
+                         f"in_channels={config['in_channels']}")
+    latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
+    resolution = config["input_size"] * autoencoder.downsample
+    trained_at = checkpoint["args"].get("resolution")
+    if trained_at is not None and trained_at != resolution:
+        raise ValueError(f"--vae {vae} decodes {latent_shape} latents to {resolution} px, but {args.ckpt} was trained "
+                         f"at args['resolution']={trained_at}")
+
+    # the condition of every sample, and what goes into the npz's labels
+    model_fn = mmdit_model_fn(model)
+    if (args.labels is not None or args.labels_per_class) and not model.num_classes:
+        parser.error(f"--labels / --labels-per-class need a class-conditional model; {args.ckpt} has no num_classes")
+    if args.context is not None and not model.context_dim:
+        parser.error(f"--context needs a text-conditioned model; {args.ckpt} has no context_dim")
+    if model.num_classes:
+        conditions = labels = class_labels(args, model.num_classes, parser)
+        label_kind = "list" if args.labels else "per-class" if args.labels_per_class else "random"
+    elif model.context_dim:
+        conditions = text_contexts(args, model.context_dim, parser)
+        labels, label_kind = np.arange(args.num_samples, dtype=np.int64), "context-row"  # the row of --context
+    else:
+        conditions, labels, label_kind = None, np.full(args.num_samples, -1, dtype=np.int64), "none"
+        if args.cfg not in (None, 1.0):
+            parser.error(f"--cfg {args.cfg} needs a conditional model; {args.ckpt} is unconditional")
+    cfg_scale = args.cfg if args.cfg is not None else default_cfg_scale(resolution) if conditions is not None else 1.0
+
+    images, nonfinite = sample_share(
+        model_fn, diffusion, lambda z: autoencoder.decode(z.to(precision)), latent_shape,
+        range(rank, args.num_samples, world_size), args.seed, conditions, lambda cond: null_condition(model, cond),
+        args.batch_size, args.steps, sampler, cfg_scale, args.eta, device,
+        autocast_dtype=torch.bfloat16 if dtype == "bf16" else None, progress=rank == 0)
+
+    out = Path(args.out)
+    if world_size > 1:
+        count = torch.tensor([nonfinite], device=device)
+        dist.all_reduce(count)
+        nonfinite = int(count.item())
+    if nonfinite:
+        raise RuntimeError(f"{nonfinite} of {args.num_samples} decoded images hold NaN/Inf: {out} not written")
+    if world_size > 1:
+        images = gather_to_rank0(images, out, rank, world_size)
+    if rank != 0:
+        return
+    meta = dict(sampler=sampler, steps=args.steps, cfg=cfg_scale, eta=args.eta, seed=args.seed,
+                checkpoint=str(args.ckpt), ema=args.ema, vae=str(vae), step=int(checkpoint["step"]),
+                objective=diffusion.objective, num=args.num_samples, dtype=dtype, resolution=resolution,
+                labels=label_kind)
+    write_samples(out, images, labels, meta)
+    print(f"wrote {out}: {images.shape} uint8, {meta}")
+    if args.grid:
+        save_grid(images[:GRID_MAX_IMAGES], args.grid)
+        print(f"wrote {args.grid}")
+
+
+if __name__ == "__main__":
+    main()
