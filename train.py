@@ -87,7 +87,8 @@ def parse_args(argv=None):
                    help="EMA decay (Fig. 10: 0.9999 without LPL, 0.99975 with it)")
     p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint period (default 50000; demo 100)")
     p.add_argument("--log-every", type=int, default=None, help="log period (default 100; demo 10)")
-    p.add_argument("--sample-every", type=int, default=None, help="sample-grid period (default: --ckpt-every)")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="sample-grid period (default: --ckpt-every; 0: no grids)")
     p.add_argument("--resume", help="checkpoint to continue from bit-exactly ('last': OUT/checkpoints/last.pt)")
     p.add_argument("--init-from", help="checkpoint whose weights (model and EMA) start this run; any resolution")
     p.add_argument("--demo-images", type=int, default=512, help="demo: size of the synthetic image set")
@@ -106,6 +107,11 @@ def fill_defaults(args):
         raise SystemExit("train.py: --out DIR is required with --data (checkpoints go to DIR/checkpoints)")
     if args.sample_every is None:
         args.sample_every = args.ckpt_every
+    for flag in ("steps", "global_batch_size", "grad_accum", "ckpt_every", "log_every", "demo_images"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"train.py: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.sample_every < 0:
+        raise SystemExit(f"train.py: --sample-every must be 0 (no grids) or a period, got {args.sample_every}")
     if args.lpl and args.vae is None and not demo:
         raise SystemExit("train.py: --lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
     return args
@@ -181,6 +187,9 @@ class LatentDataset:
                 raise SystemExit(f"train.py: {path / 'labels.npy'} has shape {labels.shape}, expected ({len(latents)},)")
             if not shard["class_names"]:
                 raise SystemExit(f"train.py: {meta_path} has no class_names for the labels in {path / 'labels.npy'}")
+            if len(labels) and not 0 <= labels.min() <= labels.max() < len(shard["class_names"]):
+                raise SystemExit(f"train.py: {path / 'labels.npy'} holds labels {labels.min()}..{labels.max()}, "
+                                 f"expected 0..{len(shard['class_names']) - 1} (the class_names of {meta_path})")
             shard.update(conditioning="labels", labels=labels)
         elif (path / "context.npy").exists():
             context = np.load(path / "context.npy", mmap_mode="r")
@@ -275,8 +284,9 @@ def synthetic_image(kind, rng, size=DEMO_RESOLUTION):
 def random_demo_autoencoder():
     """A small KL autoencoder with random weights (4 levels: /8, 4 latent channels, 5 LPL taps), its latent scale
     set so the demo's latents have unit standard deviation."""
-    torch.manual_seed(0)
-    ae = build_kl_autoencoder("sd", ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ae = build_kl_autoencoder("sd", ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
     rng = np.random.default_rng(1)
     images = torch.from_numpy(np.stack([synthetic_image(DEMO_CLASSES[i % 4], rng) for i in range(32)]))
     with torch.no_grad():
@@ -382,8 +392,8 @@ def load_checkpoint(path, what):
 
 
 MUST_MATCH_ON_RESUME = ("model", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
-                        "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_start", "lpl_max_samples",
-                        "ema_decay", "lr", "flow_shift")
+                        "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_depth_weights", "lpl_start",
+                        "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift")
 
 
 def check_resume_args(checkpoint, args, path):
@@ -403,6 +413,13 @@ def check_resume_args(checkpoint, args, path):
 def update_ema(ema, model, decay):
     ema_params, params = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(ema_params, [p.float() for p in params], 1.0 - decay)
+
+
+@torch.no_grad()
+def weights_checksum(tensors):
+    """An exact checksum of the bits of float tensors (as float32 viewed as int32, summed in int64): one ulp changed
+    anywhere changes it. Compared across ranks at each checkpoint, it catches DDP replicas that drifted apart."""
+    return int(sum(t.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64) for t in tensors))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,6 +458,7 @@ class Trainer:
             self.resume(resume)
         elif args.init_from:
             self.init_from(args.init_from)
+        self.trim_log()
 
         self.train_model = self.model
         if args.compile:
@@ -478,7 +496,10 @@ class Trainer:
         if height != width or height % patch:
             raise SystemExit(f"train.py: --data latents are {channels}x{height}x{width}; --model {args.model} needs "
                              f"square latents whose side is a multiple of its patch size {patch}")
-        model = build_model(args.model, **overrides).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # initial weights from --seed alone; the global RNG is left as it was
+            torch.manual_seed(args.seed)
+            model = build_model(args.model, **overrides)  # built on the CPU: the same weights on every device
+        model = model.to(self.device)
         parameters = sum(p.numel() for p in model.parameters())
         self.log(f"model {args.model}: {parameters / 1e6:.1f}M parameters, latents {channels}x{height}x{width}, "
                  f"conditioning: {self.data.conditioning}")
@@ -522,23 +543,36 @@ class Trainer:
         return dict(cpu=self.cpu_generator.get_state(), noise=self.noise_generator.get_state())
 
     def save_checkpoint(self):
-        """Every rank's RNG state is gathered; rank 0 writes step-N.pt atomically and points last.pt at it."""
+        """Every rank's RNG state and weights checksum are gathered; if all ranks hold the same model and EMA,
+        rank 0 writes step-N.pt atomically and points last.pt at it."""
+        model, ema = self.model.state_dict(), self.ema.state_dict()
+        mine = dict(rng={k: v.cpu() for k, v in self.rng_state().items()},
+                    checksum=weights_checksum([*model.values(), *ema.values()]))
         states = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(states, {k: v.cpu() for k, v in self.rng_state().items()})
+            dist.all_gather_object(states, mine)
         else:
-            states = [self.rng_state()]
+            states = [mine]
+        checksums = [state["checksum"] for state in states]
+        if len(set(checksums)) > 1:  # every rank sees the same list, so every rank stops
+            raise SystemExit(f"train.py: at step {self.step} the ranks hold different weights (checksums {checksums}):"
+                             f" the DDP replicas diverged; stopping without saving: {self.last_good_checkpoint()}")
         if self.rank == 0:
-            checkpoint = dict(model=self.model.state_dict(), ema=self.ema.state_dict(),
-                              optimizer=self.optimizer.state_dict(), step=self.step, args=vars(self.args),
-                              model_config=self.model.config, diffusion=self.diffusion.config(),
-                              class_names=self.data.class_names, rng=states, data=self.sampler.state_dict())
+            checkpoint = dict(model=model, ema=ema, optimizer=self.optimizer.state_dict(), step=self.step,
+                              args=vars(self.args), model_config=self.model.config,
+                              diffusion=self.diffusion.config(), class_names=self.data.class_names,
+                              rng=[state["rng"] for state in states], replica_checksums=checksums,
+                              data=self.sampler.state_dict())
             path = self.ckpt_dir / f"step-{self.step:07d}.pt"
             atomic_torch_save(checkpoint, path)
             link_last(path, self.ckpt_dir / "last.pt")
             self.log(f"saved {path}")
         if self.world > 1:
             dist.barrier()
+
+    def last_good_checkpoint(self):
+        last = self.ckpt_dir / "last.pt"
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
 
     def resume(self, path):
         checkpoint = load_checkpoint(path, "--resume")
@@ -552,7 +586,6 @@ class Trainer:
         self.noise_generator.set_state(checkpoint["rng"][self.rank]["noise"])
         self.sampler.load_state_dict(checkpoint["data"])
         self.step = checkpoint["step"]
-        self.trim_log()
         self.log(f"resumed from {path} at step {self.step}")
 
     def init_from(self, path):
@@ -573,7 +606,8 @@ class Trainer:
         self.ema.load_state_dict(checkpoint["ema"])
 
     def trim_log(self):
-        """On resume, drop log lines a crashed run wrote after the checkpoint's step."""
+        """Keep the log lines up to this run's step: on resume, drop those a crashed run wrote after the
+        checkpoint; on a fresh start in an old folder, drop the old run's."""
         path = self.out / "log.jsonl"
         if self.rank == 0 and path.exists():
             lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
@@ -652,8 +686,8 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() >= 0:
-            raise SystemExit(f"train.py: non-finite loss at step {bad.item()} (rank-max); stopping. The last good "
-                             f"checkpoint is {self.ckpt_dir / 'last.pt'}")
+            raise SystemExit(f"train.py: non-finite loss at step {bad.item()} (rank-max); stopping: "
+                             f"{self.last_good_checkpoint()}")
 
     def write_log(self, sums, steps, seconds):
         """All-reduce the sums since the last log (the only sync point of the loop) and append one JSON line."""
@@ -689,8 +723,7 @@ class Trainer:
             cond = torch.arange(16, device=self.device) % self.data.num_classes
             null = torch.full_like(cond, self.model.null_label)
         elif self.data.conditioning == "context":
-            rows = torch.from_numpy(np.stack([self.data.get([i])[1][0].numpy() for i in range(16)]))
-            cond = rows.to(self.device)
+            cond = self.data.get([i % self.data.count for i in range(16)])[1].to(self.device)  # the first contexts
             null = torch.zeros_like(cond)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             z0 = sample(mmdit_model_fn(self.ema), self.diffusion, noise, steps=50,
@@ -729,7 +762,7 @@ class Trainer:
             if self.step % args.ckpt_every == 0 or at_end:
                 self.check_finite(sums)
                 self.save_checkpoint()
-            if self.step % args.sample_every == 0 or at_end:
+            if args.sample_every and (self.step % args.sample_every == 0 or at_end):
                 self.sample_grid()
         progress.close()
 
@@ -747,9 +780,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log = print if rank == 0 else (lambda *a, **k: None)
-    if demo:
-        prepare_demo(args, rank, world, log)
     try:
+        if demo:
+            prepare_demo(args, rank, world, log)
         Trainer(args, rank, world, device).train()
         if demo:
             log(f"demo finished: log {Path(args.out) / 'log.jsonl'}, grids {Path(args.out) / 'samples'}. "
