@@ -494,7 +494,10 @@ def run(parser, args, rank, world_size, device):
         parser.error(f"no --vae given and {args.ckpt} has no args['vae'] to default to")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     precision = torch.bfloat16 if dtype == "bf16" else torch.float32  # never fp16: its range overflows in decoders
-    autoencoder = load_autoencoder(vae, device=device, dtype=precision)  # frozen, in eval mode
+    # Decode with the latent scaling the training data was encoded with (train.py stores it from meta.json).
+    scaling = checkpoint.get("latent_scaling") or {}
+    autoencoder = load_autoencoder(vae, device=device, dtype=precision, scaling_factor=scaling.get("scaling_factor"),
+                                   shift_factor=scaling.get("shift_factor"))  # frozen, in eval mode
 
     config = checkpoint["model_config"]
     if autoencoder.latent_channels != config["in_channels"]:
@@ -502,10 +505,10 @@ def run(parser, args, rank, world_size, device):
                          f"in_channels={config['in_channels']}")
     latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
     resolution = config["input_size"] * autoencoder.downsample
-    trained_at = checkpoint["args"].get("resolution")
+    trained_at = checkpoint.get("resolution")
     if trained_at is not None and trained_at != resolution:
         raise ValueError(f"--vae {vae} decodes {latent_shape} latents to {resolution} px, but {args.ckpt} was trained "
-                         f"at args['resolution']={trained_at}")
+                         f"at {trained_at} px (checkpoint['resolution'])")
 
     # the condition of every sample, and what goes into the npz's labels
     model_fn = mmdit_model_fn(model)

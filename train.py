@@ -114,6 +114,11 @@ def fill_defaults(args):
         raise SystemExit(f"train.py: --sample-every must be 0 (no grids) or a period, got {args.sample_every}")
     if args.lpl and args.vae is None and not demo:
         raise SystemExit("train.py: --lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
+    if not args.lpl:
+        defaults = vars(parse_args([]))
+        given = [f"--{k.replace('_', '-')}" for k in defaults if k.startswith("lpl_") and getattr(args, k) != defaults[k]]
+        if given:
+            raise SystemExit(f"train.py: {', '.join(given)} given without --lpl: they would do nothing")
     return args
 
 
@@ -301,7 +306,7 @@ def build_demo_data(root, vae_path, count, log):
         log(f"demo: using the cached dataset {root}")
         return root
     root.mkdir(parents=True, exist_ok=True)
-    ae = load_autoencoder(vae_path)
+    ae = load_autoencoder(vae_path, verbose=False)
     if not ae.has_encoder:
         raise SystemExit(f"train.py: the demo encodes its images, but {vae_path} has no encoder "
                          "(give the *_decoder.pth of a pair whose *_encoder.pth sits beside it)")
@@ -315,8 +320,8 @@ def build_demo_data(root, vae_path, count, log):
     latents = np.concatenate(latents)
     atomic_numpy_save(root / "labels.npy", labels.astype(np.int64))
     atomic_numpy_save(root / "latents.npy", latents)
-    meta = dict(autoencoder=str(vae_path), describe=ae.describe(), scaling_factor=ae.scaling_factor,
-                shift_factor=ae.shift_factor, resolution=DEMO_RESOLUTION, count=count,
+    meta = dict(autoencoder=str(vae_path), describe=ae.describe(), scaling=ae.scaling_factor,
+                shift=ae.shift_factor, resolution=DEMO_RESOLUTION, count=count,
                 class_names=list(DEMO_CLASSES), source="train.py demo: procedural images")
     atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the cache complete
     log(f"demo: encoded {count} synthetic {DEMO_RESOLUTION}px images into {root}, latents {latents.shape[1:]}")
@@ -472,6 +477,9 @@ class Trainer:
 
     def resolve_resume_path(self):
         if not self.args.resume:
+            if (self.ckpt_dir / "last.pt").exists():
+                raise SystemExit(f"train.py: {self.ckpt_dir / 'last.pt'} exists: continue that run with --resume last, "
+                                 f"or start a new one in another --out (or remove {self.out})")
             return None
         if self.args.init_from:
             raise SystemExit("train.py: --resume and --init-from exclude each other (resume continues a run; "
@@ -510,7 +518,12 @@ class Trainer:
         if args.vae is None:
             return None
         dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
-        ae = load_autoencoder(args.vae, device=self.device, dtype=dtype)
+        # The latents were scaled when they were encoded: LPL must unscale them the same way (meta.json).
+        scaling, shift = self.data.meta.get("scaling"), self.data.meta.get("shift")
+        if scaling is not None:
+            self.log(f"latent scaling {scaling:g}, shift {shift or 0:g} from {Path(args.data) / 'meta.json'}")
+        ae = load_autoencoder(args.vae, device=self.device, dtype=dtype, scaling_factor=scaling, shift_factor=shift,
+                              verbose=self.rank == 0)
         channels = self.data.latent_shape[0]
         if ae.latent_channels != channels:
             raise SystemExit(f"train.py: --vae {args.vae} has {ae.latent_channels} latent channels, but the latents "
@@ -529,6 +542,11 @@ class Trainer:
         args = self.args
         if not args.lpl:
             return None
+        if not 1 <= args.lpl_blocks <= self.ae.num_feature_blocks:
+            raise SystemExit(f"train.py: --lpl-blocks must be in 1..{self.ae.num_feature_blocks} for --vae {args.vae} "
+                             f"(its decoder has {self.ae.num_feature_blocks} feature taps), got {args.lpl_blocks}")
+        if args.lpl_max_samples is not None and args.lpl_max_samples < 1:
+            raise SystemExit(f"train.py: --lpl-max-samples must be at least 1, got {args.lpl_max_samples}")
         lpl = LatentPerceptualLoss(self.ae, n_blocks=args.lpl_blocks, threshold=args.lpl_threshold,
                                    norm=args.lpl_norm, mask_from=args.lpl_mask, depth_weights=args.lpl_depth_weights,
                                    checkpointing=args.lpl_checkpointing, max_samples=args.lpl_max_samples)
@@ -562,7 +580,9 @@ class Trainer:
                               args=vars(self.args), model_config=self.model.config,
                               diffusion=self.diffusion.config(), class_names=self.data.class_names,
                               rng=[state["rng"] for state in states], replica_checksums=checksums,
-                              data=self.sampler.state_dict())
+                              data=self.sampler.state_dict(), resolution=self.data.resolution,
+                              latent_scaling=dict(scaling_factor=self.data.meta.get("scaling"),
+                                                  shift_factor=self.data.meta.get("shift")))
             path = self.ckpt_dir / f"step-{self.step:07d}.pt"
             atomic_torch_save(checkpoint, path)
             link_last(path, self.ckpt_dir / "last.pt")
@@ -610,7 +630,13 @@ class Trainer:
         checkpoint; on a fresh start in an old folder, drop the old run's."""
         path = self.out / "log.jsonl"
         if self.rank == 0 and path.exists():
-            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            lines = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        lines.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line half-written by a killed run
             atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     # -- one step -------------------------------------------------------------------------------------------------
