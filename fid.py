@@ -468,18 +468,25 @@ def subset_mask(count, size):
 # Frechet distance
 # ----------------------------------------------------------------------------------------------------------------
 
-def _is_singular(eigenvalues):
-    """Numerically rank deficient, with the tolerance of np.linalg.matrix_rank (eigenvalues in ascending order)."""
-    return eigenvalues[0] <= eigenvalues[-1] * len(eigenvalues) * np.finfo(np.float64).eps
+def _cholesky(sigma):
+    """Lower-triangular L with sigma = L L^T, or None when sigma is numerically rank deficient (the factorisation
+    fails, or a pivot is below the tolerance np.linalg.matrix_rank would use)."""
+    try:
+        lower = np.linalg.cholesky(sigma)
+    except np.linalg.LinAlgError:
+        return None
+    pivots = np.diag(lower) ** 2
+    return None if pivots.min() <= pivots.max() * len(pivots) * np.finfo(np.float64).eps else lower
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6).
 
     d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with tr((S1 S2)^1/2) = sum_i sqrt(lambda_i) where
-    lambda_i are the eigenvalues of the symmetric S1^1/2 S2 S1^1/2 (similar to S1 S2, so the same spectrum) and
-    S1^1/2 comes from eigh: no scipy.linalg.sqrtm of the non-symmetric product, real-valued and faster.
-    Round-off negative eigenvalues are clipped to 0.
+    lambda_i are the eigenvalues of the symmetric L^T S2 L, S1 = L L^T its Cholesky factor (L^T S2 L is similar to
+    S1 S2: L^-1 (S1 S2) L = L^T S2 L, so the spectrum is the same). No scipy.linalg.sqrtm of the non-symmetric
+    product: real-valued, and one symmetric eigenvalue problem instead of a Schur decomposition. Round-off negative
+    eigenvalues are clipped to 0.
 
     Singular covariances (fewer images than dimensions): pytorch-fid adds eps * I to both covariances when sqrtm
     of their product is not finite; here eps * I is added to both when either is numerically rank deficient, with
@@ -492,13 +499,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise ValueError(f"frechet_distance: {name} has shape {value.shape}, expected {shape} (mu1 is {dim}-d)")
         if not np.isfinite(value).all():
             raise ValueError(f"frechet_distance: {name} holds NaN or inf")
-    eigenvalues1, eigenvectors1 = np.linalg.eigh(sigma1)
-    if _is_singular(eigenvalues1) or _is_singular(np.linalg.eigvalsh(sigma2)):
+    lower = _cholesky(sigma1)
+    if lower is None or _cholesky(sigma2) is None:
         warnings.warn(f"frechet_distance: singular covariance (fewer samples than {dim} dimensions?); "
                       f"adding {eps} * I to both covariances, as pytorch-fid does")
-        eigenvalues1, sigma1, sigma2 = eigenvalues1 + eps, sigma1 + eps * np.eye(dim), sigma2 + eps * np.eye(dim)
-    sqrt_sigma1 = (eigenvectors1 * np.sqrt(np.clip(eigenvalues1, 0, None))) @ eigenvectors1.T
-    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+        sigma1, sigma2 = sigma1 + eps * np.eye(dim), sigma2 + eps * np.eye(dim)
+        lower = np.linalg.cholesky(sigma1)
+    product = lower.T @ sigma2 @ lower
     eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)  # symmetrise away round-off
     trace_sqrt_product = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
     diff = mu1 - mu2

@@ -21,9 +21,8 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
-import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -33,9 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from autoencoder import build_kl_autoencoder, load_autoencoder, save_autoencoder, set_latent_space
+from autoencoder import atomic_output, build_kl_autoencoder, load_autoencoder, save_autoencoder, set_latent_space
 from lpl import NORMS, LatentPerceptualLoss
-from model import MODELS, MMDiT, build_model
+from model import MODELS, build_model
 from sample import default_cfg_scale, latents_to_uint8, mmdit_model_fn, sample, save_grid
 from schedules import OBJECTIVES, Diffusion
 
@@ -82,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--lpl-max-samples", type=int, default=None,
                    help="per rank: LPL on at most this many gated samples, reweighted (unbiased, cheaper)")
     p.add_argument("--lpl-checkpointing", action="store_true", help="activation checkpointing of the decoder")
+    p.add_argument("--lpl-channels-last", action="store_true", help="decoder convolutions in NHWC (faster on GPU)")
     # EMA, checkpoints, logs
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay (Fig. 10: 0.9999 without LPL, 0.99975 with it)")
@@ -352,34 +352,27 @@ def prepare_demo(args, rank, world, log):
 # ----------------------------------------------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def atomic_numpy_save(path, array):
-    tmp = Path(path).with_name(Path(path).name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_output(path) as temporary, open(temporary, "wb") as file:
+        np.save(file, array)
 
 
 def atomic_write_text(path, text):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_output(path) as temporary:
+        Path(temporary).write_text(text)
 
 
 def link_last(step_path, last_path):
     """last.pt -> the newest checkpoint, as a hard link renamed into place (a copy where links are refused)."""
-    tmp = last_path.with_name(last_path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(step_path, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(step_path, tmp)
-    os.replace(tmp, last_path)
+    with atomic_output(last_path) as temporary:
+        try:
+            os.link(step_path, temporary)
+        except OSError:
+            shutil.copyfile(step_path, temporary)
 
 
 def load_checkpoint(path, what):
@@ -549,7 +542,8 @@ class Trainer:
             raise SystemExit(f"train.py: --lpl-max-samples must be at least 1, got {args.lpl_max_samples}")
         lpl = LatentPerceptualLoss(self.ae, n_blocks=args.lpl_blocks, threshold=args.lpl_threshold,
                                    norm=args.lpl_norm, mask_from=args.lpl_mask, depth_weights=args.lpl_depth_weights,
-                                   checkpointing=args.lpl_checkpointing, max_samples=args.lpl_max_samples)
+                                   checkpointing=args.lpl_checkpointing, max_samples=args.lpl_max_samples,
+                                   channels_last=args.lpl_channels_last)
         tau = lpl.tau(self.data.resolution)
         self.log(f"LPL: w {args.lpl_weight}, {args.lpl_blocks} blocks, tau {tau:g} at {self.data.resolution}px, "
                  f"norm {args.lpl_norm}, mask from {args.lpl_mask}, from step {args.lpl_start}")
@@ -673,7 +667,7 @@ class Trainer:
                 loss = loss + self.args.lpl_weight * loss_lpl  # L_tot = L_diff + w_LPL L_LPL
                 sums["lpl"] += loss_lpl.detach()
                 for name, value in lpl_stats.items():
-                    sums[f"lpl_{name}"] = sums.get(f"lpl_{name}", 0) + value.to(self.device)
+                    sums[f"lpl_{name}"] = sums.get(f"lpl_{name}", 0) + value  # device tensors: no sync
         sums["diffusion"] += loss_diffusion.detach()
         sums["count"] += 1
         return loss

@@ -1,0 +1,1019 @@
+"""Throughput, memory and LPL-overhead benchmark: the figures a README table cites, each with its exact command.
+
+    python bench.py train --model XL/2 --resolution 256 --batch-size 32 --vae-arch sdxl --lpl-blocks 5 \\
+        --lpl-threshold 4 [--lpl-checkpointing] [--lpl-max-samples K] [--lpl-channels-last] [--compile] \\
+        [--checkpointing] [--dtype bf16] [--json train.json]
+    python bench.py fid                                   # Frechet distance vs scipy sqrtm at 2048-d, Inception img/s
+    python bench.py sample --model XL/2 --resolution 256 --batch-size 32 --steps 50 --cfg 1.5 --decode
+    python bench.py lpl-subbatch --resolution 256 --batch-size 32 --max-samples 4 8 16 --repeats 16
+    python bench.py suite --out bench-gpu                 # everything above at the paper's settings, + a torchrun smoke
+    python bench.py suite --out bench-cpu --tiny          # the same at CPU scale, in under a minute
+
+The CPU figures of the README (OMP_NUM_THREADS=1: one core, so that they can be compared):
+
+    python bench.py train --model S/2 --resolution 64 --batch-size 8 --vae-arch sdxl --vae-ch 32 --warmup 2 --steps 5
+    python bench.py train ... --lpl-checkpointing         # also: --lpl-blocks 4, --lpl-max-samples 2
+    python bench.py fid --repeats 1 --inception-batch 8 --inception-iters 2
+    python bench.py sample --model S/2 --resolution 64 --batch-size 8 --steps 50 --cfg 1.5 --decode --vae-ch 32
+    python bench.py lpl-subbatch --resolution 64 --batch-size 32 --vae-ch 32 --max-samples 4 8 16 --repeats 16
+
+`train` times the real optimiser step of train.py (Trainer.optimizer_step: data, noise, MMDiT forward, LPL, backward,
+clipping, fused AdamW on CUDA, EMA) on a synthetic flat-file dataset and a random-weight decoder saved and loaded as
+train.py does, first without LPL, then with it: one process, one Trainer, the same batches, times and noise (the RNG
+and data states are rewound before each run). Weights are random: throughput does not depend on their values.
+The samples LPL decodes per step are read from its `decoded_fraction` statistic (no host-device sync).
+
+FLOPs are counted from shapes, never timed: the MMDiT's with model.flops_per_forward (exact matmul count; a training
+step is 3 forwards), the decoder's with torch.utils.flop_counter.FlopCounterMode on one latent on the meta device,
+forward and backward to its input (the decoder is frozen: no weight gradients). LPL per step = decoded samples x
+(target forward + prediction forward + backward [+ recomputed forward with --lpl-checkpointing]). The predicted LPL
+step time is the baseline's time scaled by the FLOP ratio: the LPL work run at the baseline's achieved FLOP/s.
+MFU = model FLOPs / time / the GPU's dense bf16 peak (PEAK_BF16_FLOPS; --peak-tflops for other GPUs); recomputation
+from checkpointing is not counted in MFU, but is in the predicted time. Peak memory is CUDA's max_memory_allocated
+over the timed steps; on the CPU it is "n/a".
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import scipy.stats
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import fid
+import train
+from autoencoder import KL_ARCHS, build_kl_autoencoder, save_autoencoder
+from lpl import LatentPerceptualLoss
+from model import MODELS, build_model
+from sample import mmdit_model_fn, null_condition, sample, sample_share
+from schedules import Diffusion
+
+REPO = Path(__file__).resolve().parent
+IMAGENET_CLASSES = 1000  # the synthetic datasets are class-conditional, like the paper's ImageNet models
+PREDICTION_ERROR = 0.1  # lpl-subbatch: std of the stand-in network's eps error (z0_hat = x0_from_pred(eps + 0.1 n))
+GATE_SAMPLES = 2 ** 20  # Monte Carlo draws of t for the expected gated fraction
+SAMPLE_WARMUP_STEPS = 2  # sampler steps of the untimed warm-up call
+
+# Dense (no sparsity) bf16 tensor-core FLOP/s, from NVIDIA's datasheets; matched on the CUDA device name, most
+# specific first ("NVIDIA H100 PCIe" must not match "H100").
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+# Targets (PASS/MISS): the LPL step within 1.15x of its FLOP prediction; peak memory x1.10 with the decoder
+# checkpointed (the paper's Fig. 7: 83.4 / 64.9 GB = x1.29); MMDiT without LPL at 40% MFU in bf16; fid.py's Frechet
+# distance 5x faster than scipy's sqrtm at 2048-d and equal to 1e-6 relative.
+TARGET_LPL_TIME_OVER_PREDICTED = 1.15
+TARGET_LPL_MEMORY_RATIO = 1.10
+TARGET_BASELINE_MFU = 0.40
+TARGET_FID_SPEEDUP = 5.0
+TARGET_FID_RELATIVE_DIFFERENCE = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The machine: device, peak FLOP/s, timing, memory
+# ----------------------------------------------------------------------------------------------------------------
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()}"
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def environment(device):
+    """What every figure is printed with: the device, the software, the threads."""
+    env = dict(device=device_name(device), torch=torch.__version__, python=platform.python_version(),
+               cpu_threads=torch.get_num_threads())
+    if device.type == "cuda":
+        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   gpu_memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1))
+    return env
+
+
+def peak_flops(device, dtype, peak_tflops=None):
+    """Peak FLOP/s for MFU: --peak-tflops if given, else the bf16 table by CUDA device name; None (MFU n/a) on the
+    CPU, in fp32, or on a GPU the table does not know."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type != "cuda" or dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in name.lower()), None)
+
+
+def configure_backends(device):
+    """TF32 for the fp32 matmuls and convolutions that remain under autocast, as train.py's main() sets."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def lap_times(fn, count, device):
+    """Seconds of each of `count` calls of fn: CUDA events between calls on a GPU (no synchronisation until the
+    end, so the host runs ahead as in training), time.perf_counter on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+        events[0].record()
+        for event in events[1:]:
+            fn()
+            event.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1000 for start, end in zip(events, events[1:])]
+    marks = [time.perf_counter()]
+    for _ in range(count):
+        fn()
+        marks.append(time.perf_counter())
+    return np.diff(marks).tolist()
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """CUDA's peak allocated memory since the last reset; None on the CPU (no reliable per-phase peak there)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs, counted from shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+def counted_flops(fn):
+    """FLOPs of the matmuls and convolutions fn() runs (torch.utils.flop_counter: 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def decoder_flops(vae_arch, vae_ch, latent_shape, n_blocks):
+    """(forward, backward) FLOPs of decoder_features(z, n_blocks) for ONE latent of latent_shape (C, h, w), counted on
+    the meta device (shapes only). The backward is to the input alone: LPL's decoder is frozen."""
+    with torch.device("meta"):
+        ae = build_kl_autoencoder(vae_arch, ch=vae_ch)
+        z = torch.zeros((1, *latent_shape), requires_grad=True)
+    features = []
+    forward = counted_flops(lambda: features.extend(ae.decoder_features(z, n_blocks)))
+    backward = counted_flops(lambda: torch.autograd.backward(features, [torch.ones_like(f) for f in features]))
+    return forward, backward
+
+
+def lpl_flops(decoded, forward, backward, checkpointing):
+    """(model, hardware) FLOPs of LPL for `decoded` samples: target forward + prediction forward + backward to the
+    input; with checkpointing the prediction branch is recomputed in the backward pass (hardware only)."""
+    model_flops = decoded * (2 * forward + backward)
+    return model_flops, model_flops + (decoded * forward if checkpointing else 0)
+
+
+def expected_gated_fraction(diffusion, tau, seed=0):
+    """P(sigma_t / alpha_t <= tau) under train.py's distribution of t (Monte Carlo, GATE_SAMPLES seeded draws)."""
+    t = diffusion.sample_t(GATE_SAMPLES, generator=torch.Generator().manual_seed(seed))
+    return (diffusion.sigma_ratio(t) <= tau).double().mean().item()
+
+
+def expected_decoded(batch, fraction, max_samples=None):
+    """E[min(G, max_samples)], G ~ Binomial(batch, fraction): the samples LPL decodes per batch."""
+    if max_samples is None or max_samples >= batch:
+        return batch * fraction
+    counts = np.arange(batch + 1)
+    return float((np.minimum(counts, max_samples) * scipy.stats.binom.pmf(counts, batch, fraction)).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets and reports: every figure with the device, torch version and the command that made it
+# ----------------------------------------------------------------------------------------------------------------
+
+def target(name, value, goal, higher_is_better, unit="x", why_not="not measurable here"):
+    """A figure checked against its goal: PASS / MISS and by how much, or n/a (value None) and why."""
+    if value is None:
+        return dict(name=name, value=None, goal=goal, status="n/a", text=f"[n/a ] {name}: n/a ({why_not})")
+    passed = value >= goal if higher_is_better else value <= goal
+    by = abs(value / goal - 1) * 100
+    relation = ">=" if higher_is_better else "<="
+    how = (f"{by:.0f}% better than the goal" if passed else f"missed by {by:.0f}%")
+    text = f"[{'PASS' if passed else 'MISS'}] {name}: {value:.3g}{unit} (goal {relation} {goal:g}{unit}; {how})"
+    return dict(name=name, value=value, goal=goal, status="PASS" if passed else "MISS", text=text)
+
+
+def command_line(argv):
+    return "python bench.py " + shlex.join(argv)
+
+
+def new_report(kind, argv, device, settings):
+    return dict(kind=kind, command=command_line(argv), environment=environment(device), settings=settings,
+                figures={}, rows=[], targets=[])
+
+
+def add_row(report, label, text):
+    report["rows"].append([label, text])
+
+
+def format_report(report):
+    env = report["environment"]
+    header = [f"== {report['command']}",
+              f"   {env['device']} | torch {env['torch']}" + (f" | CUDA {env['cuda']}" if "cuda" in env else "")
+              + f" | {env['cpu_threads']} CPU threads"]
+    width = max((len(label) for label, _ in report["rows"]), default=0)
+    rows = [f"   {label:<{width}}  {text}" for label, text in report["rows"]]
+    return "\n".join(header + rows + [f"   {t['text']}" for t in report["targets"]])
+
+
+def write_text_atomically(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def json_ready(value):
+    """Reports hold only numbers, strings, lists and dicts; tuples become lists, non-finite floats None."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def gflops(flops):
+    return f"{flops / 1e9:,.4g} GFLOP"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic inputs written as train.py reads them: flat-file latents, a random decoder-only VAE checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_synthetic_dataset(folder, count, latent_shape, seed=0):
+    """`count` N(0, 1) latents (float16) with labels, in DESIGN.md's flat-file layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train.atomic_numpy_save(folder / "latents.npy", rng.standard_normal((count, *latent_shape), dtype=np.float32)
+                            .astype(np.float16))
+    train.atomic_numpy_save(folder / "labels.npy", (np.arange(count) % IMAGENET_CLASSES).astype(np.int64))
+    meta = dict(autoencoder="random (bench.py)", resolution=latent_shape[-1] * 8, count=count,
+                class_names=[f"class{i}" for i in range(IMAGENET_CLASSES)], source="bench.py: N(0, 1) latents")
+    train.atomic_write_text(folder / "meta.json", json.dumps(meta))
+    return folder
+
+
+def save_random_decoder(path, vae_arch, vae_ch, seed=0):
+    """A random KL autoencoder of vae_arch's layout (width vae_ch), saved without its encoder: LPL needs only the
+    decoder, and a baseline that holds no encoder weights keeps the memory ratio honest."""
+    torch.manual_seed(seed)
+    ae = build_kl_autoencoder(vae_arch, ch=vae_ch)
+    ae.encoder, ae.quant_conv = None, None
+    save_autoencoder(ae, path)
+    return path
+
+
+def latent_shape_of(settings):
+    return KL_ARCHS[settings.vae_arch]["z_channels"], settings.resolution // 8, settings.resolution // 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train: train.py's own optimiser step, without and with LPL
+# ----------------------------------------------------------------------------------------------------------------
+
+LPL_FLAGS = ("lpl_blocks", "lpl_threshold", "lpl_max_samples", "lpl_checkpointing", "lpl_channels_last")
+
+
+def train_argv(settings, data, vae, out, steps=1_000_000):
+    """The train.py command line of these settings (the Trainer is built from it, and the torchrun smoke runs it)."""
+    argv = ["--data", str(data), "--out", str(out), "--model", settings.model, "--steps", str(steps),
+            "--global-batch-size", str(settings.batch_size), "--precision", settings.dtype,
+            "--vae-dtype", settings.dtype, "--lpl", "--vae", str(vae), "--lpl-blocks", str(settings.lpl_blocks),
+            "--lpl-threshold", str(settings.lpl_threshold), "--seed", str(settings.seed)]
+    if settings.lpl_max_samples is not None:
+        argv += ["--lpl-max-samples", str(settings.lpl_max_samples)]
+    for flag in ("compile", "checkpointing", "lpl_checkpointing", "lpl_channels_last"):
+        if getattr(settings, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv
+
+
+def rewind(trainer, state):
+    """The same batches, times and noise for every run: RNG and data position as when the Trainer was built."""
+    trainer.cpu_generator.set_state(state["cpu"])
+    trainer.noise_generator.set_state(state["noise"])
+    trainer.sampler.load_state_dict(state["data"])
+    trainer.step = 0
+
+
+def snapshot(trainer):
+    return dict(cpu=trainer.cpu_generator.get_state(), noise=trainer.noise_generator.get_state(),
+                data=trainer.sampler.state_dict())
+
+
+def syncs_per_step(trainer):
+    """Host-device synchronisations in one optimiser step (CUDA's sync debug mode, warnings counted)."""
+    if trainer.device.type != "cuda":
+        return None
+    sums = trainer.new_sums()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.optimizer_step(sums)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def flash_attention_check(trainer, latent_shape, dtype):
+    """Does the MMDiT's attention run on the flash kernel? One forward with SDPA restricted to flash."""
+    model, device = trainer.model, trainer.device
+    x = torch.zeros((1, *latent_shape), device=device)
+    t = torch.full((1,), 0.5, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad(), autocast(device, dtype), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            model(x, t, y=y)
+        return "yes"
+    except RuntimeError as error:
+        return f"no ({str(error).splitlines()[0][:120]})"
+
+
+def time_steps(trainer, warmup, steps):
+    """`warmup` untimed then `steps` timed optimiser steps of train.py; peak memory over the timed ones. (The cache
+    is emptied before the warm-up, not after it: the timed steps must not pay for cudaMalloc.)"""
+    device = trainer.device
+    free_memory(device)
+    sums = trainer.new_sums()
+    for _ in range(warmup):
+        trainer.optimizer_step(sums)
+    reset_peak_memory(device)
+    sums = trainer.new_sums()
+    times = lap_times(lambda: trainer.optimizer_step(sums), steps, device)
+    peak = peak_memory_gib(device)
+    trainer.check_finite(sums)  # a benchmark of NaN steps would be no benchmark
+    losses = {name: sums[name].item() / sums["count"] for name in ("diffusion", "lpl")}
+    decoded = sums["lpl_decoded_fraction"].item() / sums["count"] * trainer.micro_batch if trainer.lpl else 0.0
+    return dict(step_s=float(np.mean(times)), step_s_std=float(np.std(times)), step_times=times, peak_gib=peak,
+                decoded_per_step=decoded, losses=losses)
+
+
+def measure_run(trainer, start, settings, variant, log):
+    """One run from the rewound state with trainer.lpl as set: the baseline (variant None) or an LPL variant. A
+    variant that runs out of GPU memory is recorded as such, and the others still run."""
+    run = dict(name="no LPL" if variant is None else lpl_label(variant),
+               command=command_line(settings.argv if variant is None else variant.argv),
+               settings=None if variant is None else {k: getattr(variant, k) for k in LPL_FLAGS})
+    rewind(trainer, start)
+    try:
+        run.update(time_steps(trainer, settings.warmup, settings.steps))
+    except torch.cuda.OutOfMemoryError as error:
+        if variant is None:
+            raise
+        trainer.optimizer.zero_grad(set_to_none=True)
+        free_memory(trainer.device)
+        run["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        log(f"  {run['name']}: {run['error']}")
+        return run
+    log(f"  {run['name']}: {run['step_s'] * 1000:.1f} ms/step")
+    return run
+
+
+def variant_settings(settings, flags):
+    """The settings of one LPL variant: base settings plus `flags`, which may only change LPL_FLAGS (the MMDiT,
+    data and precision are those of the one Trainer)."""
+    variant = parse_args(settings.argv + list(flags))
+    changed = [k for k, v in vars(variant).items() if k not in LPL_FLAGS + ("argv",) and v != getattr(settings, k)]
+    if changed:
+        raise ValueError(f"train variant {flags}: may only change {LPL_FLAGS}, but changes {changed}")
+    return variant
+
+
+def variant_lpl(trainer, base_args, variant, data, vae):
+    """The LPL module of a variant, built by train.py's own Trainer.build_lpl from the variant's train.py flags."""
+    trainer.args = train.fill_defaults(train.parse_args(train_argv(variant, data, vae, base_args.out)))
+    try:
+        return trainer.build_lpl()
+    finally:
+        trainer.args = base_args
+
+
+def benchmark_train(settings, variant_flags=((),), log=print):
+    """Runs: no LPL, then LPL for each variant (extra flags over `settings`). Returns the report."""
+    device = default_device()
+    configure_backends(device)
+    report = new_report("train", settings.argv, device, settings_dict(settings))
+    latent_shape = latent_shape_of(settings)
+    variants = [variant_settings(settings, flags) for flags in variant_flags]
+    with tempfile.TemporaryDirectory(prefix="lpl-bench-") as tmp:
+        data = write_synthetic_dataset(Path(tmp) / "data", 4 * settings.batch_size, latent_shape, settings.seed)
+        vae = save_random_decoder(Path(tmp) / "vae.safetensors", settings.vae_arch, settings.vae_ch, settings.seed)
+        args = train.fill_defaults(train.parse_args(train_argv(settings, data, vae, Path(tmp) / "run")))
+        trainer = train.Trainer(args, 0, 1, device)
+        start = snapshot(trainer)
+        trainer.lpl = None
+        runs = [measure_run(trainer, start, settings, None, log)]
+        for variant in variants:
+            trainer.lpl = variant_lpl(trainer, args, variant, data, vae)
+            runs.append(measure_run(trainer, start, settings, variant, log))
+        report["figures"]["flash_attention"] = flash_attention_check(trainer, latent_shape, settings.dtype)
+        trainer.lpl = None  # diagnostics: host-device syncs of the baseline step and of the first LPL variant's
+        rewind(trainer, start)
+        report["figures"].update(syncs_per_step_without_lpl=syncs_per_step(trainer), syncs_per_step_with_lpl=None)
+        if len(runs) > 1 and "error" not in runs[1]:
+            trainer.lpl = variant_lpl(trainer, args, variants[0], data, vae)
+            rewind(trainer, start)
+            report["figures"]["syncs_per_step_with_lpl"] = syncs_per_step(trainer)
+        model_forward = trainer.model.flops_per_forward(settings.batch_size)
+        report["figures"]["decoder_weights_gib"] = sum(p.numel() * p.element_size()
+                                                       for p in trainer.ae.parameters()) / 2 ** 30
+        del trainer
+    free_memory(device)
+    summarize_train(report, settings, variants, runs, model_forward, device)
+    return report
+
+
+def lpl_label(variant):
+    parts = [f"LPL {variant.lpl_blocks} blocks", f"tau {variant.lpl_threshold:g}"]
+    if variant.lpl_max_samples is not None:
+        parts.append(f"max {variant.lpl_max_samples} samples")
+    if variant.lpl_checkpointing:
+        parts.append("decoder checkpointed")
+    if variant.lpl_channels_last:
+        parts.append("channels-last decoder")
+    return ", ".join(parts)
+
+
+def summarize_train(report, settings, variants, runs, model_forward, device):
+    """FLOP counts, throughput, MFU, the LPL ratios and the targets, as figures and printable rows."""
+    figures, batch = report["figures"], settings.batch_size
+    peak = peak_flops(device, settings.dtype, settings.peak_tflops)
+    model_step = 3 * model_forward  # forward + backward (2x)
+    hardware_step = model_step + (model_forward if settings.checkpointing else 0)  # + the recomputed forward
+    figures.update(mmdit_forward_flops=model_forward, mmdit_step_flops=model_step, peak_flops=peak, runs=runs,
+                   variants=[])
+    add_row(report, "MMDiT FLOPs", f"{gflops(model_forward / batch)} forward per image (model.flops_per_forward); "
+                                   f"step = 3 x forward = {model_step / batch / 1e12:.3f} TFLOP per image"
+            + (" (+1 forward recomputed with --checkpointing)" if settings.checkpointing else ""))
+    baseline = runs[0]
+    add_throughput(baseline, model_step, batch, peak)
+    add_run_row(report, baseline)
+    for variant, run in zip(variants, runs[1:]):
+        figures["variants"].append(summarize_variant(report, settings, variant, run, baseline, model_step,
+                                                     hardware_step, peak))
+    mfu = 100 * baseline["mfu"] if baseline["mfu"] is not None else None
+    report["targets"].insert(0, target("MMDiT without LPL: MFU", mfu, 100 * TARGET_BASELINE_MFU, True, unit="%",
+                                       why_not="needs a GPU of the peak table, bf16, or --peak-tflops"))
+    add_row(report, "decoder weights", f"{figures['decoder_weights_gib'] * 1024:.0f} MiB, held in every run (the "
+                                       f"baseline's peak memory includes them)")
+    add_row(report, "MMDiT attention on flash", figures["flash_attention"])
+    syncs = (figures["syncs_per_step_without_lpl"], figures["syncs_per_step_with_lpl"])
+    add_row(report, "host-device syncs per step", "n/a (CPU)" if syncs[0] is None else
+            f"{syncs[0]} without LPL, {syncs[1]} with it (torch.cuda.set_sync_debug_mode)")
+
+
+def add_throughput(run, flops, batch, peak):
+    """images/s, achieved FLOP/s and MFU of a run whose step does `flops` model FLOPs."""
+    run.update(flops=flops, images_per_s=batch / run["step_s"], achieved_flops=flops / run["step_s"])
+    run["mfu"] = run["achieved_flops"] / peak if peak else None
+
+
+def add_run_row(report, run):
+    memory = f"{run['peak_gib']:.2f} GiB" if run["peak_gib"] is not None else "n/a (CPU)"
+    mfu = f"{100 * run['mfu']:.1f}%" if run["mfu"] is not None else "n/a"
+    add_row(report, run["name"], f"{run['step_s'] * 1000:.1f} ms/step (std {run['step_s_std'] * 1000:.1f}), "
+                                 f"{run['images_per_s']:.1f} img/s, peak memory {memory}, "
+                                 f"{run['achieved_flops'] / 1e12:.3f} TFLOP/s, MFU {mfu}")
+
+
+def summarize_variant(report, settings, variant, run, baseline, model_step, hardware_step, peak):
+    """The FLOP prediction of one LPL run next to its measurement."""
+    batch = settings.batch_size
+    if "error" in run:
+        add_row(report, run["name"], run["error"])
+        report["targets"].append(dict(name=f"{run['name']}: runs", value=None, goal=None, status="MISS",
+                                      text=f"[MISS] {run['name']}: {run['error']}"))
+        return dict(name=run["name"], error=run["error"])
+    forward, backward = decoder_flops(settings.vae_arch, settings.vae_ch, latent_shape_of(settings),
+                                      variant.lpl_blocks)
+    tau = variant.lpl_threshold * settings.resolution / 256  # lpl.py's tau(resolution)
+    fraction = expected_gated_fraction(Diffusion("eps"), tau)
+    expected = expected_decoded(batch, fraction, variant.lpl_max_samples)
+    lpl_model, lpl_hardware = lpl_flops(run["decoded_per_step"], forward, backward, variant.lpl_checkpointing)
+    predicted_ratio = (hardware_step + lpl_hardware) / hardware_step  # the LPL work at the baseline's FLOP/s
+    time_ratio = run["step_s"] / baseline["step_s"]
+    memory_ratio = run["peak_gib"] / baseline["peak_gib"] if run["peak_gib"] is not None else None
+    add_throughput(run, model_step + lpl_model, batch, peak)
+    recompute = f" + {gflops(forward)} recomputed" if variant.lpl_checkpointing else ""
+    add_row(report, f"decoder FLOPs, {variant.lpl_blocks} blocks",
+            f"{gflops(forward)} forward, {gflops(backward)} backward to the input, per latent (FlopCounterMode); "
+            f"per decoded sample: 2 x forward + backward{recompute}")
+    cap = f", at most {variant.lpl_max_samples}" if variant.lpl_max_samples else ""
+    add_row(report, "  decoded per step", f"{run['decoded_per_step']:.2f} measured, {expected:.2f} expected (gated "
+                                          f"fraction {fraction:.3f} at tau {tau:g}{cap}); LPL = "
+                                          f"{lpl_hardware / hardware_step:.2f} x the MMDiT step in FLOPs")
+    add_row(report, "  command", run["command"])
+    add_run_row(report, run)
+    memory_text = f"{memory_ratio:.3f}x" if memory_ratio is not None else "n/a (CPU)"
+    add_row(report, "  LPL ratios", f"time {time_ratio:.2f}x measured vs {predicted_ratio:.2f}x predicted from FLOPs "
+                                    f"({time_ratio / predicted_ratio:.2f}x the prediction); memory {memory_text}")
+    report["targets"].append(target(f"{run['name']}: step time / FLOP prediction", time_ratio / predicted_ratio,
+                                    TARGET_LPL_TIME_OVER_PREDICTED, False))
+    if variant.lpl_checkpointing:
+        report["targets"].append(target(f"{run['name']}: peak memory ratio", memory_ratio,
+                                        TARGET_LPL_MEMORY_RATIO, False, why_not="CPU: no peak memory"))
+    return dict(name=run["name"], decoder_forward_flops=forward, decoder_backward_flops=backward,
+                expected_gated_fraction=fraction, expected_decoded=expected, lpl_model_flops=lpl_model,
+                lpl_hardware_flops=lpl_hardware, predicted_time_ratio=predicted_ratio, time_ratio=time_ratio,
+                memory_ratio=memory_ratio)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fid: fid.py's Frechet distance against the scipy sqrtm path; Inception feature throughput
+# ----------------------------------------------------------------------------------------------------------------
+
+def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2):
+    """The classic path (pytorch-fid): tr((S1 S2)^1/2) from scipy.linalg.sqrtm of the non-symmetric product."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def synthetic_statistics(dim, seed=0):
+    """Two full-rank Gaussians (2 * dim samples each, the second with correlated features): (mu1, s1, mu2, s2)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((2 * dim, dim))
+    b = rng.standard_normal((2 * dim, dim)) @ (np.eye(dim) + 0.1 * rng.standard_normal((dim, dim))) + 0.1
+    return a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+
+
+def best_time(fn, repeats):
+    """(fastest wall-clock seconds of `repeats` calls, the last result)."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def benchmark_fid(settings):
+    device = default_device()
+    report = new_report("fid", settings.argv, device, settings_dict(settings))
+    figures = report["figures"]
+    stats = synthetic_statistics(settings.dim, settings.seed)
+    ours_s, ours = best_time(lambda: fid.frechet_distance(*stats), settings.repeats)
+    sqrtm_s, reference = best_time(lambda: frechet_distance_sqrtm(*stats), settings.repeats)
+    speedup, difference = sqrtm_s / ours_s, abs(ours - reference) / abs(reference)
+    figures.update(dim=settings.dim, frechet_s=ours_s, sqrtm_s=sqrtm_s, speedup=speedup, fd=ours, fd_sqrtm=reference,
+                   relative_difference=difference)
+    add_row(report, f"Frechet distance {settings.dim}-d",
+            f"fid.frechet_distance {ours_s:.3f} s, scipy sqrtm path {sqrtm_s:.3f} s (best of {settings.repeats}): "
+            f"{speedup:.1f}x; values {ours:.6g} vs {reference:.6g}, relative difference {difference:.1e}")
+    report["targets"].append(target(f"Frechet distance speed-up over sqrtm at {settings.dim}-d",
+                                    speedup if settings.dim >= fid.FEATURE_DIM else None, TARGET_FID_SPEEDUP, True,
+                                    why_not=f"the goal is set at {fid.FEATURE_DIM}-d"))
+    report["targets"].append(target("Frechet distance relative difference to sqrtm", difference,
+                                     TARGET_FID_RELATIVE_DIFFERENCE, False, unit=""))
+
+    torch.manual_seed(settings.seed)
+    model = fid.InceptionV3().eval().requires_grad_(False).to(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    images = list(torch.randint(0, 256, (settings.inception_batch, 3, 256, 256), dtype=torch.uint8,
+                                generator=generator))
+    fid.inception_features(model, images, device)  # warm-up
+    times = lap_times(lambda: fid.inception_features(model, images, device), settings.inception_iters, device)
+    throughput = settings.inception_batch / float(np.mean(times))
+    figures.update(inception_images_per_s=throughput)
+    add_row(report, "Inception features", f"{throughput:.1f} img/s (256 px uint8 -> 299 px -> 2048-d, float32, batch "
+                                          f"{settings.inception_batch}; random weights: the speed does not depend on them)")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample: DDIM with guidance, model only and decoded
+# ----------------------------------------------------------------------------------------------------------------
+
+def benchmark_sample(settings):
+    device = default_device()
+    configure_backends(device)
+    report = new_report("sample", settings.argv, device, settings_dict(settings))
+    figures, batch = report["figures"], settings.batch_size
+    latent_shape = latent_shape_of(settings)
+    torch.manual_seed(settings.seed)
+    with torch.device(device):  # initialised on the device: no minutes of CPU init for the large sizes
+        model = build_model(settings.model, input_size=latent_shape[-1], in_channels=latent_shape[0],
+                            num_classes=IMAGENET_CLASSES).eval().requires_grad_(False)
+    diffusion, model_fn = Diffusion("eps"), mmdit_model_fn(model)
+    generator = torch.Generator().manual_seed(settings.seed)
+    noise = torch.randn((batch, *latent_shape), generator=generator).to(device)
+    labels = (torch.arange(batch) % IMAGENET_CLASSES).to(device)
+    null = null_condition(model, labels)
+
+    def run(steps):
+        with autocast(device, settings.dtype):
+            return sample(model_fn, diffusion, noise, steps=steps, cfg_scale=settings.cfg, cond=labels, null_cond=null)
+
+    run(SAMPLE_WARMUP_STEPS)
+    model_s = lap_times(lambda: run(settings.steps), 1, device)[0]
+    rows = batch * (2 if settings.cfg != 1.0 else 1)  # guidance: conditional and null rows in one forward
+    flops = settings.steps * model.flops_per_forward(rows)
+    peak = peak_flops(device, settings.dtype, settings.peak_tflops)
+    figures.update(model_s=model_s, model_images_per_s=batch / model_s, flops=flops, achieved_flops=flops / model_s,
+                   mfu=flops / model_s / peak if peak else None)
+    mfu = f"{100 * figures['mfu']:.1f}%" if peak else "n/a"
+    add_row(report, "DDIM, model only", f"{batch / model_s:.2f} img/s ({model_s:.2f} s for {batch} images, "
+                                        f"{settings.steps} steps, guidance {settings.cfg:g}: {rows // batch} network "
+                                        f"rows per image per step); {flops / model_s / 1e12:.3f} TFLOP/s, MFU {mfu}")
+    if settings.decode:
+        decode_benchmark(report, settings, model_fn, model, diffusion, latent_shape, device)
+    return report
+
+
+def decode_benchmark(report, settings, model_fn, model, diffusion, latent_shape, device):
+    """sample.py's own path, sample_share: noise per sample, DDIM, decode, uint8."""
+    torch.manual_seed(settings.seed)
+    precision = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
+    ae = build_kl_autoencoder(settings.vae_arch, ch=settings.vae_ch).to(device, precision)
+    conditions = np.arange(settings.batch_size) % IMAGENET_CLASSES
+
+    def run(steps, count):
+        return sample_share(model_fn, diffusion, lambda z: ae.decode(z.to(precision)), latent_shape, range(count),
+                            settings.seed, conditions, lambda cond: null_condition(model, cond), settings.batch_size,
+                            steps, None, settings.cfg, 0.0, device,
+                            autocast_dtype=torch.bfloat16 if settings.dtype == "bf16" else None)
+
+    run(SAMPLE_WARMUP_STEPS, settings.batch_size)
+    seconds = lap_times(lambda: run(settings.steps, settings.batch_size), 1, device)[0]
+    report["figures"].update(decoded_s=seconds, decoded_images_per_s=settings.batch_size / seconds)
+    add_row(report, "DDIM + decode", f"{settings.batch_size / seconds:.2f} img/s end to end (sample.sample_share: "
+                                     f"noise, sampling, {settings.vae_arch} decoder ch {settings.vae_ch}, uint8)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lpl-subbatch: the cost and the noise of LPL on a random k of the gated samples (unbiased, reweighted)
+# ----------------------------------------------------------------------------------------------------------------
+
+def subbatch_inputs(settings, ae, device):
+    """A fixed batch: z0 ~ N(0, 1), t from train.py's distribution, and the z0_hat of a stand-in network whose eps
+    prediction is off by PREDICTION_ERROR * N(0, 1) (Table 1's x0_from_pred)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    shape = (settings.batch_size, ae.latent_channels, settings.resolution // 8, settings.resolution // 8)
+    diffusion = Diffusion("eps")
+    z0, noise, error = (torch.randn(shape, generator=generator) for _ in range(3))
+    t = diffusion.sample_t(settings.batch_size, generator=generator)  # (B,) on the CPU: the gate needs no sync
+    zt = diffusion.add_noise(z0, noise, t)
+    z0_hat = diffusion.x0_from_pred(zt, noise + PREDICTION_ERROR * error, t)
+    return z0_hat.to(device), z0.to(device), diffusion.sigma_ratio(t)
+
+
+def lpl_value_and_gradient(lpl, z0_hat, z0, ratio, dtype, generator=None):
+    """(loss, d loss / d z0_hat): what the loss hands back to the network."""
+    z0_hat = z0_hat.clone().requires_grad_(True)
+    with autocast(z0.device, dtype):
+        loss, _ = lpl(z0_hat, z0, ratio, generator=generator)
+    loss.backward()
+    return loss.detach().float(), z0_hat.grad.float()
+
+
+def benchmark_lpl_subbatch(settings):
+    device = default_device()
+    configure_backends(device)
+    report = new_report("lpl-subbatch", settings.argv, device, settings_dict(settings))
+    torch.manual_seed(settings.seed)
+    precision = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
+    ae = build_kl_autoencoder(settings.vae_arch, ch=settings.vae_ch).to(device, precision)
+    z0_hat, z0, ratio = subbatch_inputs(settings, ae, device)
+
+    def lpl_of(max_samples):
+        return LatentPerceptualLoss(ae, n_blocks=settings.lpl_blocks, threshold=settings.lpl_threshold,
+                                    max_samples=max_samples)
+
+    full = lpl_of(None)
+    gated = len(full.gate(ratio, full.resolution(z0))[0])
+    if gated == 0:
+        raise SystemExit(f"bench.py lpl-subbatch: no sample of the batch passes the gate (tau "
+                         f"{full.tau(full.resolution(z0)):g}); raise --batch-size or --lpl-threshold, or change --seed")
+    lpl_value_and_gradient(full, z0_hat, z0, ratio, settings.dtype)  # warm-up
+    results = {}
+    full_s = float(np.mean(lap_times(lambda: results.update(full=lpl_value_and_gradient(
+        full, z0_hat, z0, ratio, settings.dtype)), settings.repeats, device)))
+    full_loss, full_grad = results["full"]
+    full_loss, full_norm = full_loss.item(), full_grad.norm().item()
+    add_row(report, "full batch", f"{gated} of {settings.batch_size} samples gated; LPL {full_loss:.4g}, "
+                                  f"|grad| {full_norm:.4g}; LPL forward + backward {full_s * 1000:.1f} ms")
+    rows = []
+    for k in settings.max_samples:
+        lpl, generator, draws = lpl_of(k), torch.Generator().manual_seed(settings.seed), []
+        seconds = float(np.mean(lap_times(lambda: draws.append(lpl_value_and_gradient(
+            lpl, z0_hat, z0, ratio, settings.dtype, generator)), settings.repeats, device)))
+        losses = torch.stack([loss for loss, _ in draws]).cpu().numpy()
+        norms = np.array([grad.norm().item() for _, grad in draws])
+        errors = np.array([(grad - full_grad).norm().item() for _, grad in draws])
+        row = dict(max_samples=k, decoded=min(k, gated), seconds=seconds, time_ratio=seconds / full_s,
+                   loss_mean_ratio=float(losses.mean() / full_loss), loss_std_ratio=float(losses.std() / full_loss),
+                   grad_norm_std_ratio=float(norms.std() / full_norm),
+                   grad_error_ratio=float(errors.mean() / full_norm))
+        rows.append(row)
+        add_row(report, f"k = {k}", f"{row['decoded']} decoded, {seconds * 1000:.1f} ms ({row['time_ratio']:.2f}x); "
+                                    f"over {settings.repeats} subsets: loss mean {row['loss_mean_ratio']:.3f}x, std "
+                                    f"{row['loss_std_ratio']:.3f}x the full loss; |grad| std "
+                                    f"{row['grad_norm_std_ratio']:.3f}x, mean |grad - full grad| "
+                                    f"{row['grad_error_ratio']:.3f}x the full |grad|")
+    report["figures"].update(gated=gated, full_loss=full_loss, full_grad_norm=full_norm, full_s=full_s, subsets=rows)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# suite: everything the GPU check needs, in one go, each part guarded; --tiny runs it at CPU scale
+# ----------------------------------------------------------------------------------------------------------------
+
+SUITES = {
+    "paper": dict(
+        train="train --model XL/2 --resolution 256 --batch-size 32 --vae-arch sdxl --lpl-blocks 5 --lpl-threshold 4 "
+              "--warmup 3 --steps 10",
+        train_variants=([], ["--lpl-checkpointing"], ["--lpl-blocks", "4"], ["--lpl-max-samples", "8"],
+                        ["--lpl-channels-last"]),
+        fid="fid --dim 2048 --repeats 1 --inception-batch 50 --inception-iters 3",
+        sample="sample --model XL/2 --resolution 256 --batch-size 32 --steps 50 --cfg 1.5 --decode --vae-arch sdxl",
+        subbatch="lpl-subbatch --resolution 256 --batch-size 32 --vae-arch sdxl --max-samples 4 8 16 --repeats 8",
+        smoke="train --model XL/2 --resolution 256 --batch-size 32 --vae-arch sdxl --lpl-threshold 4 --steps 20 "
+              "--dtype bf16",
+        smoke_timeout=420),
+    "tiny": dict(
+        train="train --model demo --resolution 32 --batch-size 4 --vae-arch sdxl --vae-ch 32 --lpl-threshold 32 "
+              "--warmup 1 --steps 2",
+        train_variants=([], ["--lpl-checkpointing"], ["--lpl-blocks", "4"], ["--lpl-max-samples", "2"],
+                        ["--lpl-channels-last"]),
+        fid="fid --dim 128 --repeats 1 --inception-batch 1 --inception-iters 1",
+        sample="sample --model demo --resolution 32 --batch-size 2 --steps 3 --cfg 1.5 --decode --vae-arch sdxl "
+               "--vae-ch 32",
+        subbatch="lpl-subbatch --resolution 32 --batch-size 8 --vae-arch sdxl --vae-ch 32 --lpl-threshold 32 "
+                 "--max-samples 2 8 --repeats 3",
+        smoke="train --model demo --resolution 32 --batch-size 4 --vae-arch sdxl --vae-ch 32 --lpl-threshold 32 "
+              "--steps 2 --dtype bf16",
+        smoke_timeout=120),
+}
+
+
+def torchrun_smoke(settings, timeout):
+    """train.py under torchrun on one process with LPL (settings.steps optimiser steps), on a synthetic dataset and a
+    saved random decoder; PASS when it exits 0 with a finite loss, LPL active and a checkpoint written."""
+    device = default_device()
+    report = new_report("torchrun smoke", settings.argv, device, settings_dict(settings))
+    with tempfile.TemporaryDirectory(prefix="lpl-smoke-") as tmp:
+        data = write_synthetic_dataset(Path(tmp) / "data", 2 * settings.batch_size, latent_shape_of(settings))
+        vae = save_random_decoder(Path(tmp) / "vae.safetensors", settings.vae_arch, settings.vae_ch)
+        argv = train_argv(settings, data, vae, Path(tmp) / "run", steps=settings.steps) + ["--log-every", "10"]
+        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *argv]
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *torchrun], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        log_path = Path(tmp) / "run" / "log.jsonl"
+        records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+        saved = (Path(tmp) / "run" / "checkpoints" / "last.pt").exists()
+    last = records[-1] if records else {}
+    finite = all(math.isfinite(last.get(k, math.nan)) for k in ("loss", "lpl"))
+    lpl_active = any(record.get("lpl_gated_fraction", 0) > 0 for record in records)
+    ok = done.returncode == 0 and finite and lpl_active and saved
+    report["command"] = shlex.join(["python", *torchrun])
+    report["figures"].update(returncode=done.returncode, seconds=seconds, log=records, checkpoint_saved=saved,
+                             output_tail=(done.stdout + done.stderr)[-3000:])
+    add_row(report, "train.py under torchrun", f"exit {done.returncode} after {seconds:.1f} s for {settings.steps} "
+                                               f"steps (start-up, checkpoint and sample grid included); last log "
+                                               f"{json.dumps(last)}")
+    report["targets"].append(dict(name="torchrun LPL smoke", value=float(ok), goal=1.0, status="PASS" if ok else "MISS",
+                                  text=f"[{'PASS' if ok else 'MISS'}] torchrun {settings.dtype} LPL smoke: exit "
+                                       f"{done.returncode}, finite loss {finite}, LPL active {lpl_active}, "
+                                       f"checkpoint written {saved}"))
+    return report
+
+
+def format_value(value):
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def suite_markdown(suite):
+    lines = [f"# bench.py suite ({'tiny, CPU scale' if suite['tiny'] else 'paper settings'})", "",
+             f"{suite['environment']['device']}, torch {suite['environment']['torch']}", ""]
+    for name, part in suite["parts"].items():
+        lines += [f"## {name}", ""]
+        if "error" in part:
+            lines += ["FAILED:", "", "```", part["error"].strip(), "```", ""]
+            continue
+        lines += [f"`{part['command']}`", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {label.strip()} | {text} |" for label, text in part["rows"]]
+        lines += ["", "| target | value | goal | status |", "|---|---|---|---|"]
+        lines += [f"| {t['name']} | {format_value(t['value'])} | {format_value(t['goal'])} | {t['status']} |"
+                  for t in part["targets"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_suite(settings, log=print):
+    """Runs every part, each guarded: a failure is recorded and the next part runs. Results are rewritten to
+    OUT/bench.json and OUT/bench.md after every part, so a run cut short keeps what it measured."""
+    plan = SUITES["tiny" if settings.tiny else "paper"]
+    extra = ["--peak-tflops", str(settings.peak_tflops)] if settings.peak_tflops else []
+    parts = [
+        ("train", lambda: benchmark_train(parse_args(plan["train"].split() + extra), plan["train_variants"], log)),
+        ("fid", lambda: benchmark_fid(parse_args(plan["fid"].split()))),
+        ("sample", lambda: benchmark_sample(parse_args(plan["sample"].split() + extra))),
+        ("lpl-subbatch", lambda: benchmark_lpl_subbatch(parse_args(plan["subbatch"].split()))),
+        ("torchrun smoke", lambda: torchrun_smoke(parse_args(plan["smoke"].split()), plan["smoke_timeout"])),
+    ]
+    device = default_device()
+    suite = dict(command=command_line(settings.argv), tiny=settings.tiny, environment=environment(device), parts={})
+    out = Path(settings.out)
+    for name, run in parts:
+        log(f"suite: {name}")
+        started = time.perf_counter()
+        try:
+            part = run()
+            log(format_report(part))
+        except (Exception, SystemExit):
+            part = dict(error=traceback.format_exc())
+            log(f"suite: {name} FAILED\n{part['error']}")
+        part["seconds"] = time.perf_counter() - started
+        suite["parts"][name] = part
+        free_memory(device)
+        write_text_atomically(out / "bench.json", json.dumps(json_ready(suite), indent=1))
+        write_text_atomically(out / "bench.md", suite_markdown(suite))
+    log(f"suite: wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return suite
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_common(parser, dtype=True):
+    if dtype:
+        parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                            help="autocast precision and decoder dtype (default bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def add_model_flags(parser):
+    parser.add_argument("--model", choices=list(MODELS), default="XL/2", help="MMDiT size")
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latents: / 8)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per GPU (the paper's 32)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak FLOP/s for MFU, in TFLOP/s (default: the bf16 table, by GPU name)")
+
+
+def add_vae_flags(parser, blocks=True):
+    parser.add_argument("--vae-arch", choices=list(KL_ARCHS), default="sdxl",
+                        help="KL decoder layout (random weights): sdxl is the paper's ablation autoencoder")
+    parser.add_argument("--vae-ch", type=int, default=None, help="decoder base width (default: the arch's, 128)")
+    if blocks:
+        parser.add_argument("--lpl-blocks", type=int, default=5, help="decoder taps (Fig. 7)")
+        parser.add_argument("--lpl-threshold", type=float, default=4.0, help="tau at 256 px (Fig. 6)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train.py's step without and with LPL: time, memory, FLOPs, MFU")
+    add_model_flags(p)
+    add_vae_flags(p)
+    p.add_argument("--lpl-max-samples", type=int, default=None, help="LPL on a random k of the gated samples")
+    p.add_argument("--lpl-checkpointing", action="store_true", help="checkpoint the decoder (recomputed backward)")
+    p.add_argument("--lpl-channels-last", action="store_true", help="decoder convolutions in NHWC (train.py's flag)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT (train.py --compile)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the MMDiT blocks")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each run")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    add_common(p)
+
+    p = commands.add_parser("fid", help="Frechet distance vs scipy sqrtm; Inception feature throughput")
+    p.add_argument("--dim", type=int, default=2048, help="feature dimension of the Frechet distance")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each Frechet path (the best is kept)")
+    p.add_argument("--inception-batch", type=int, default=50, help="images per Inception batch")
+    p.add_argument("--inception-iters", type=int, default=3, help="timed Inception batches")
+    add_common(p, dtype=False)
+
+    p = commands.add_parser("sample", help="DDIM with guidance: images/s, model only and decoded")
+    add_model_flags(p)
+    add_vae_flags(p, blocks=False)
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale (1: no guidance, one forward per step)")
+    p.add_argument("--decode", action="store_true", help="also time sample.py's sample-and-decode path")
+    add_common(p)
+
+    p = commands.add_parser("lpl-subbatch", help="LPL on a random k of the gated samples: time vs noise")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    add_vae_flags(p)
+    p.add_argument("--max-samples", type=int, nargs="+", default=[4, 8, 16], help="the sub-batch sizes k")
+    p.add_argument("--repeats", type=int, default=16, help="random subsets R per k")
+    add_common(p)
+
+    p = commands.add_parser("suite", help="every benchmark + a torchrun smoke, to OUT/bench.json and OUT/bench.md")
+    p.add_argument("--out", required=True, help="folder for bench.json and bench.md")
+    p.add_argument("--tiny", action="store_true", help="CPU scale: the whole suite in under a minute")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU on a GPU the table does not know")
+    return parser
+
+
+def check_settings(parser, settings):
+    """Bad values as a clear error naming the flag."""
+    for name in ("batch_size", "steps", "repeats", "dim", "inception_batch", "inception_iters"):
+        if getattr(settings, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if getattr(settings, "warmup", 0) < 0:
+        parser.error(f"--warmup must be non-negative, got {settings.warmup}")
+    if getattr(settings, "peak_tflops", None) is not None and settings.peak_tflops <= 0:
+        parser.error(f"--peak-tflops must be positive, got {settings.peak_tflops}")
+    if hasattr(settings, "resolution"):
+        patch = MODELS[settings.model]["patch_size"] if hasattr(settings, "model") else 1
+        if settings.resolution < 8 * patch or settings.resolution % (8 * patch):
+            parser.error(f"--resolution {settings.resolution}: must be a positive multiple of {8 * patch} "
+                         f"(8x down-sampling, then patches of {patch})")
+    if hasattr(settings, "vae_arch"):
+        settings.vae_ch = settings.vae_ch if settings.vae_ch is not None else KL_ARCHS[settings.vae_arch]["ch"]
+        if settings.vae_ch < 32 or settings.vae_ch % 32:
+            parser.error(f"--vae-ch {settings.vae_ch}: must be a positive multiple of 32 (GroupNorm of 32 groups)")
+    if hasattr(settings, "lpl_blocks"):
+        taps = len(KL_ARCHS[settings.vae_arch]["ch_mult"]) + 1  # the mid block + each up block
+        if not 1 <= settings.lpl_blocks <= taps:
+            parser.error(f"--lpl-blocks {settings.lpl_blocks}: the {settings.vae_arch} decoder has taps 1..{taps}")
+    for k in [getattr(settings, "lpl_max_samples", None)] + list(getattr(settings, "max_samples", None) or []):
+        if k is not None and k < 1:
+            parser.error(f"--lpl-max-samples / --max-samples must be at least 1, got {k}")
+
+
+def parse_args(argv):
+    """argv -> settings, with defaults filled and argv kept (every report cites its exact command)."""
+    parser = build_parser()
+    settings = parser.parse_args(argv)
+    check_settings(parser, settings)
+    if hasattr(settings, "dtype") and settings.dtype is None:
+        settings.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    settings.argv = list(argv)
+    return settings
+
+
+def settings_dict(settings):
+    return {k: v for k, v in vars(settings).items() if k != "argv"}
+
+
+BENCHMARKS = {"train": benchmark_train, "fid": benchmark_fid, "sample": benchmark_sample,
+              "lpl-subbatch": benchmark_lpl_subbatch}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    settings = parse_args(argv)
+    if settings.command == "suite":
+        return run_suite(settings)
+    report = BENCHMARKS[settings.command](settings)
+    print(format_report(report))
+    if settings.json:
+        write_text_atomically(settings.json, json.dumps(json_ready(report), indent=1))
+        print(f"wrote {settings.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
