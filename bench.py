@@ -68,6 +68,7 @@ IMAGENET_CLASSES = 1000  # the synthetic datasets are class-conditional, like th
 PREDICTION_ERROR = 0.1  # lpl-subbatch: std of the stand-in network's eps error (z0_hat = x0_from_pred(eps + 0.1 n))
 GATE_SAMPLES = 2 ** 20  # Monte Carlo draws of t for the expected gated fraction
 SAMPLE_WARMUP_STEPS = 2  # sampler steps of the untimed warm-up call
+SAMPLE_REPEATS = 3  # timed calls; the median is reported
 
 # Dense (no sparsity) bf16 tensor-core FLOP/s, from NVIDIA's datasheets; matched on the CUDA device name, most
 # specific first ("NVIDIA H100 PCIe" must not match "H100").
@@ -555,8 +556,12 @@ def summarize_variant(report, settings, variant, run, baseline, model_step, hard
     memory_text = f"{memory_ratio:.3f}x" if memory_ratio is not None else "n/a (CPU)"
     add_row(report, "  LPL ratios", f"time {time_ratio:.2f}x measured vs {predicted_ratio:.2f}x predicted from FLOPs "
                                     f"({time_ratio / predicted_ratio:.2f}x the prediction); memory {memory_text}")
-    report["targets"].append(target(f"{run['name']}: step time / FLOP prediction", time_ratio / predicted_ratio,
-                                    TARGET_LPL_TIME_OVER_PREDICTED, False))
+    on_gpu = run["peak_gib"] is not None
+    report["targets"].append(target(f"{run['name']}: step time / FLOP prediction",
+                                    time_ratio / predicted_ratio if on_gpu else None, TARGET_LPL_TIME_OVER_PREDICTED,
+                                    False, why_not=f"{time_ratio / predicted_ratio:.2f}x on the CPU, where the baseline "
+                                    "step is bound by optimiser and EMA memory traffic, not FLOPs: the target is a GPU "
+                                    "one"))
     if variant.lpl_checkpointing:
         report["targets"].append(target(f"{run['name']}: peak memory ratio", memory_ratio,
                                         TARGET_LPL_MEMORY_RATIO, False, why_not="CPU: no peak memory"))
@@ -653,7 +658,7 @@ def benchmark_sample(settings):
             return sample(model_fn, diffusion, noise, steps=steps, cfg_scale=settings.cfg, cond=labels, null_cond=null)
 
     run(SAMPLE_WARMUP_STEPS)
-    model_s = lap_times(lambda: run(settings.steps), 1, device)[0]
+    model_s = float(np.median(lap_times(lambda: run(settings.steps), SAMPLE_REPEATS, device)))
     rows = batch * (2 if settings.cfg != 1.0 else 1)  # guidance: conditional and null rows in one forward
     flops = settings.steps * model.flops_per_forward(rows)
     peak = peak_flops(device, settings.dtype, settings.peak_tflops)
@@ -682,7 +687,7 @@ def decode_benchmark(report, settings, model_fn, model, diffusion, latent_shape,
                             autocast_dtype=torch.bfloat16 if settings.dtype == "bf16" else None)
 
     run(SAMPLE_WARMUP_STEPS, settings.batch_size)
-    seconds = lap_times(lambda: run(settings.steps, settings.batch_size), 1, device)[0]
+    seconds = float(np.median(lap_times(lambda: run(settings.steps, settings.batch_size), SAMPLE_REPEATS, device)))
     report["figures"].update(decoded_s=seconds, decoded_images_per_s=settings.batch_size / seconds)
     add_row(report, "DDIM + decode", f"{settings.batch_size / seconds:.2f} img/s end to end (sample.sample_share: "
                                      f"noise, sampling, {settings.vae_arch} decoder ch {settings.vae_ch}, uint8)")

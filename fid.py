@@ -905,7 +905,7 @@ def build_parser():
     def add_loading_flags(command):
         command.add_argument("--batch-size", type=int, default=50)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        command.add_argument("--workers", type=int, default=4, help="processes decoding image files (folders)")
+        command.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes decoding image files (folders)")
 
     stats = commands.add_parser("stats", help="Inception statistics, features and spectrum of real images")
     stats.add_argument("--images", required=True, help="folder of png/jpg (recursive) or npz with arr_0")
