@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--lpl-weight", type=float, default=3.0, help="w_LPL (Fig. 9: best near 3)")
     p.add_argument("--lpl-threshold", type=float, default=4.0,
                    help="tau in sigma/alpha units at 256 px, scaled by resolution/256 (Fig. 6: best 3-6)")
-    p.add_argument("--lpl-blocks", type=int, default=5, help="decoder taps: mid block + up blocks (Fig. 7)")
+    p.add_argument("--lpl-blocks", type=int, default=None,
+                   help="decoder taps: mid block + up blocks (Fig. 7; default 5, or all a smaller decoder has)")
     p.add_argument("--lpl-norm", choices=NORMS, default="shared", help="feature normalisation (Sec. 3.2, 4.3)")
     p.add_argument("--lpl-mask", choices=("prediction", "target", "none"), default="prediction",
                    help="features the outlier mask is computed from (Eq. 3: the prediction's)")
@@ -535,6 +536,8 @@ class Trainer:
         args = self.args
         if not args.lpl:
             return None
+        if args.lpl_blocks is None:
+            args.lpl_blocks = min(5, self.ae.num_feature_blocks)
         if not 1 <= args.lpl_blocks <= self.ae.num_feature_blocks:
             raise SystemExit(f"train.py: --lpl-blocks must be in 1..{self.ae.num_feature_blocks} for --vae {args.vae} "
                              f"(its decoder has {self.ae.num_feature_blocks} feature taps), got {args.lpl_blocks}")
