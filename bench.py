@@ -37,7 +37,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import shlex
 import subprocess
@@ -57,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fid
 import train
-from autoencoder import KL_ARCHS, build_kl_autoencoder, save_autoencoder
+from autoencoder import KL_ARCHS, atomic_output, build_kl_autoencoder, save_autoencoder
 from lpl import LatentPerceptualLoss
 from model import MODELS, build_model
 from sample import mmdit_model_fn, null_condition, sample, sample_share
@@ -261,11 +260,9 @@ def format_report(report):
 
 
 def write_text_atomically(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text)
 
 
 def json_ready(value):
@@ -297,7 +294,7 @@ def write_synthetic_dataset(folder, count, latent_shape, seed=0):
     train.atomic_numpy_save(folder / "labels.npy", (np.arange(count) % IMAGENET_CLASSES).astype(np.int64))
     meta = dict(autoencoder="random (bench.py)", resolution=latent_shape[-1] * 8, count=count,
                 class_names=[f"class{i}" for i in range(IMAGENET_CLASSES)], source="bench.py: N(0, 1) latents")
-    train.atomic_write_text(folder / "meta.json", json.dumps(meta))
+    write_text_atomically(folder / "meta.json", json.dumps(meta))
     return folder
 
 
