@@ -1,6 +1,6 @@
 """Bundled evaluator: FID, precision / recall / density / coverage, and the power spectrum of paper Fig. 4 and 5.
 
-    # 1. reference statistics of real images (a folder of png/jpg, searched recursively, or an ADM-style npz)
+    # 1. reference statistics of real images (a folder of image files, searched recursively, or an ADM-style npz)
     python fid.py stats --images /data/imagenet256/val --inception pt_inception-2015-12-05-6726825d.pth --out ref.npz
     # 2. evaluate samples written by sample.py (uint8 NHWC images in arr_0, sampling settings in `meta`)
     python fid.py eval --ref ref.npz --samples samples.npz --inception pt_inception-2015-12-05-6726825d.pth \\
@@ -12,36 +12,41 @@ Nothing is downloaded. The Inception weights are the ones pytorch-fid ported fro
 pt_inception-2015-12-05-6726825d.pth from FID_WEIGHTS_URL below and pass its path to --inception.
 
 The pipeline is layered as images -> Inception activations -> statistics -> distance:
-- FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) on the 2048-d pool features.
-- Precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020), as in the `prdc`
-  package, on at most --max-features features per set (default 10000, a seeded random subset).
-- Power spectrum: the radially averaged log power spectrum of grayscale images (section 4.2 of the paper).
+- FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) on the 2048-d pool features, equal to
+  pytorch-fid 0.3.0's calculate_frechet_distance (to 1e-13 relative, measured with scipy 1.17), N < 2048 included.
+- Precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020), equal to the `prdc`
+  package 0.2 (open balls), on at most --max-features features per set (default 10000, a seeded random subset).
+- Power spectrum: the radially averaged log power spectrum of grayscale images (section 4.2 of the paper), every
+  image first resized to the reference's size (the first image's) as Inception resizes: see SpectrumMean.
+Errors in the input (a broken image, a junk npz, wrong shapes) stop a command with one line naming the file.
 
 Files: a reference statistics npz holds `mu`, `sigma` (float64), `features` (float32 subset for --prdc), `spectrum`
 (mean log10 power per cycle per image) and `meta` (a 0-d string array holding a JSON object: image count, source,
-Inception weights sha256, resize method). Samples npz files may carry the same kind of `meta` array, written by
-sample.py (sampler, steps, guidance, checkpoint, autoencoder); eval copies it into its report as `samples_meta`.
+Inception weights sha256, resize method, spectrum_size). Samples npz files may carry the same kind of `meta` array,
+written by sample.py (sampler, steps, guidance, checkpoint, autoencoder); eval copies it to `samples_meta`.
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import os
-import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+
+from data import IMAGE_SUFFIXES, atomic_output
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants
@@ -52,8 +57,9 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name ends with its sha256 prefix
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
-RESIZE_METHOD = "torch bilinear to 299x299, align_corners=False, no antialias (as pytorch-fid)"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_KINDS = "/".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))  # the encoder's (data.py) list
+NPZ_IMAGES = "uint8 images (N, H, W, 3) in key 'arr_0' (as sample.py writes them)"
+RESIZE_METHOD = "torch bilinear to 299x299, align_corners=False, no antialias (as pytorch-fid)"  # see resize()
 DEFAULT_MAX_FEATURES = 10_000
 FEATURE_SUBSET_SEED = 0  # which images keep their features for precision / recall (a fixed, seeded random subset)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 grayscale
@@ -64,22 +70,17 @@ POWER_FLOOR = 1e-12  # power is floored before log10 so that a flat image gives 
 # Files: atomic writes, input checks, image sets (folders and ADM-style npz)
 # ----------------------------------------------------------------------------------------------------------------
 
-def write_atomically(path, write):
-    """Call write(binary_file) on a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+@contextlib.contextmanager
+def output_file(path):
+    """A binary file that replaces `path` only once written in full (autoencoder.atomic_output); makes the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary, open(temporary, "wb") as file:
+        yield file
 
 
 def write_json(path, data):
-    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+    with output_file(path) as file:
+        file.write((json.dumps(data, indent=2) + "\n").encode())
 
 
 def sha256_of(path):
@@ -91,28 +92,18 @@ def sha256_of(path):
 
 
 def check_finite_images(images, source):
-    """Refuse images holding NaN or inf (a diverged sampler); sample.py calls this before writing an npz.
-
-    images: a tensor or array whose first axis indexes images. Raises ValueError naming `source` and the images.
-    """
-    images = torch.as_tensor(images)
-    if not images.is_floating_point():
-        return  # integer pixels are always finite
-    bad = ~torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    """Refuse images (or features; the first axis indexes them) holding NaN or inf, naming `source` and them."""
+    bad = ~torch.isfinite(torch.as_tensor(images).reshape(len(images), -1)).all(dim=1)
     if bad.any():
-        indices = bad.nonzero().flatten().tolist()
-        raise ValueError(f"{source}: {len(indices)} of {images.shape[0]} images hold NaN or inf values "
-                         f"(first indices {indices[:10]}); refusing to evaluate or save them")
+        raise ValueError(f"{source}: {int(bad.sum())} of {len(bad)} images hold NaN or inf values (first indices "
+                         f"{bad.nonzero().flatten()[:10].tolist()}); refusing to evaluate them")
 
 
 def read_meta(array, source):
     """Parse the `meta` array of the npz file `source`: a 0-d string array holding a JSON object."""
-    value = array.item() if array.ndim == 0 else None
-    if isinstance(value, bytes):
-        value = value.decode()
     try:
-        meta = json.loads(value) if isinstance(value, str) else None
-    except json.JSONDecodeError:
+        meta = json.loads(array.item()) if array.ndim == 0 else None  # str or bytes
+    except (TypeError, ValueError):  # not text, or not JSON
         meta = None
     if not isinstance(meta, dict):
         raise ValueError(f"{source}: key 'meta' must be a 0-d string array holding a JSON object, "
@@ -121,27 +112,36 @@ def read_meta(array, source):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """png / jpg files under a folder (recursively, sorted), decoded to uint8 (3, H, W) tensors."""
+    """Image files under a folder (recursively, sorted; the encoder's suffixes), decoded to uint8 (3, H, W). An
+    unreadable file stops the pass with an error naming it (statistics of a silently shrunk set would not be
+    comparable); __getitem__ returns the error text so that it reaches the main process as one line."""
 
     def __init__(self, folder):
         self.path = Path(folder)
         self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise ValueError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} files found (searched recursively)")
-        self.meta = None
-        self.arrays = []
+            raise ValueError(f"{folder}: no {IMAGE_KINDS} files found (searched recursively)")
+        self.meta, self.arrays = None, []
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        with Image.open(self.files[index]) as image:
-            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        try:  # PIL raises OSError, SyntaxError, ValueError, ... on a broken file
+            with Image.open(self.files[index]) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W)
 
     def batches(self, batch_size, workers):
         loader = torch.utils.data.DataLoader(self, batch_size=batch_size, num_workers=workers, collate_fn=list)
-        yield from loader
+        for start, batch in zip(range(0, len(self), batch_size), loader):
+            for index, item in enumerate(batch, start):
+                if isinstance(item, str):
+                    raise ValueError(f"{self.files[index]}: not a readable image ({item}); expected an image file "
+                                     f"({IMAGE_KINDS}): remove or replace it")
+            yield batch
 
 
 def read_npy_header(stream):
@@ -151,27 +151,35 @@ def read_npy_header(stream):
     return read(stream)
 
 
+def load_npz(path, expected, skip=()):
+    """(key names, {key: array} but the keys in `skip`) of an .npz archive, never unpickling; anything else is
+    refused in one line that names the file and `expected`."""
+    with open(path, "rb") as file:
+        signature = file.read(4)
+    if signature not in (b"PK\x03\x04", b"PK\x05\x06"):  # every zip archive starts with one of these
+        raise ValueError(f"{path}: not an .npz archive (no zip signature); expected {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data.files, {key: data[key] for key in data.files if key not in skip}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: damaged .npz ({type(error).__name__}: {error}); expected {expected}") from None
+
+
 class NpzImages:
     """ADM-style npz: uint8 NHWC images in `arr_0`, streamed from the archive in batches (bounded memory)."""
 
     def __init__(self, path):
         self.path = Path(path)
-        with np.load(self.path, allow_pickle=False) as data:
-            self.arrays = list(data.files)
-            self.meta = read_meta(data["meta"], path) if "meta" in data.files else None
+        self.arrays, small = load_npz(self.path, NPZ_IMAGES, skip=("arr_0",))
+        self.meta = read_meta(small["meta"], path) if "meta" in small else None
         if "arr_0" not in self.arrays:
-            raise ValueError(f"{path}: no key 'arr_0' (found {self.arrays}); expected uint8 images (N, H, W, 3)")
-        self.shape, self.dtype = self._read_header()
-        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
-            raise ValueError(f"{path}: key 'arr_0' is {self.dtype} with shape {self.shape}; expected uint8 images "
-                             f"(N, H, W, 3) in 0..255 (float samples: check_finite_images, round, clip to uint8)")
-
-    def _read_header(self):
+            raise ValueError(f"{path}: no key 'arr_0' (found {self.arrays}); expected {NPZ_IMAGES}")
         with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as stream:
-            shape, fortran_order, dtype = read_npy_header(stream)
-        if fortran_order:
-            raise ValueError(f"{self.path}: key 'arr_0' is stored in Fortran order; save a C-ordered array")
-        return shape, dtype
+            self.shape, fortran_order, self.dtype = read_npy_header(stream)
+        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3 or fortran_order:
+            order = " (Fortran order)" if fortran_order else ""
+            raise ValueError(f"{path}: key 'arr_0' is {self.dtype} with shape {self.shape}{order}; expected "
+                             f"{NPZ_IMAGES}, C order (round and clip float samples first)")
 
     def __len__(self):
         return self.shape[0]
@@ -197,12 +205,19 @@ def open_images(path):
         return ImageFolder(path)
     if path.suffix == ".npz" and path.is_file():
         return NpzImages(path)
-    raise FileNotFoundError(f"{path}: expected a folder of png/jpg images or an .npz file with uint8 images in arr_0")
+    raise FileNotFoundError(f"{path}: not found; expected a folder of images ({IMAGE_KINDS}) or an .npz with "
+                            f"{NPZ_IMAGES}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # InceptionV3 for FID: the TensorFlow graph ported by pytorch-fid, with torchvision's Inception3 key names
 # ----------------------------------------------------------------------------------------------------------------
+
+def resize(images, size):
+    """(N, C, H, W) float -> (N, C, *size): the resize of pytorch-fid's InceptionV3 (RESIZE_METHOD), also used to
+    bring image sets to one size before their power spectra."""
+    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+
 
 class ConvBN(nn.Module):
     """Conv (no bias) + BatchNorm (eps 1e-3, the TF value) + ReLU; torchvision calls it BasicConv2d."""
@@ -356,7 +371,7 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, 1008)  # the TF graph's 1008 logits: in the weights file, unused by FID
 
     def forward(self, images):
-        x = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        x = resize(images, (INCEPTION_SIZE, INCEPTION_SIZE))
         x = 2 * x - 1  # [0, 1] -> [-1, 1], the range of the TF graph
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
@@ -414,8 +429,8 @@ def inception_features(model, images, device):
     if len({tuple(image.shape) for image in images}) == 1:
         batch = torch.stack(images).to(device).float() / 255  # (N, 3, H, W)
     else:  # mixed sizes: resize one by one with the same bilinear resize the model applies
-        batch = torch.cat([F.interpolate(image[None].to(device).float() / 255, size=(INCEPTION_SIZE, INCEPTION_SIZE),
-                                         mode="bilinear", align_corners=False) for image in images])
+        batch = torch.cat([resize(image[None].to(device).float() / 255, (INCEPTION_SIZE, INCEPTION_SIZE))
+                           for image in images])
     with torch.autocast(device_type=torch.device(device).type, enabled=False):
         return model(batch)
 
@@ -431,34 +446,28 @@ class FeatureStatistics:
     cancellation of sum(x x^T) - n mu mu^T. The covariance is unbiased (n - 1), as np.cov in pytorch-fid."""
 
     def __init__(self):
-        self.count = 0
-        self.mean = None  # (D,)
-        self.scatter = None  # (D, D), sum of outer products of centred features
+        self.count, self.mean, self.scatter = 0, 0.0, 0.0  # mean (D,), scatter (D, D): sum of centred x x^T
 
     def update(self, features):
         batch = features.to(torch.float64)  # (B, D)
         batch_mean = batch.mean(0)
         centred = batch - batch_mean
         batch_scatter = centred.T @ centred  # (D, D)
-        if self.count == 0:
-            self.count, self.mean, self.scatter = len(batch), batch_mean, batch_scatter
-            return
         delta = batch_mean - self.mean
         total = self.count + len(batch)
         self.mean = self.mean + delta * (len(batch) / total)
         self.scatter = self.scatter + batch_scatter + torch.outer(delta, delta) * (self.count * len(batch) / total)
         self.count = total
 
-    def mean_and_covariance(self):
+    def mean_and_covariance(self, source="features"):
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 images, got {self.count}")
+            raise ValueError(f"{source}: a covariance needs at least 2 images, got {self.count}")
         return self.mean.cpu().numpy(), (self.scatter / (self.count - 1)).cpu().numpy()
 
 
 def subset_mask(count, size):
-    """Which of `count` images keep their features: a seeded random subset of `size` (all if fewer).
-
-    Random rather than the first ones: folders sorted by class would otherwise give a few classes only."""
+    """Which of `count` images keep their features: a seeded random subset of `size` (all if fewer); random, as
+    the first ones of folders sorted by class would be a few classes only."""
     keep = np.zeros(count, dtype=bool)
     keep[np.random.default_rng(FEATURE_SUBSET_SEED).choice(count, size=min(size, count), replace=False)] = True
     return keep
@@ -479,35 +488,51 @@ def _cholesky(sigma):
     return None if pivots.min() <= pivots.max() * len(pivots) * np.finfo(np.float64).eps else lower
 
 
+def trace_sqrt_product_as_pytorch_fid(sigma1, sigma2, eps):
+    """tr((S1 S2)^1/2) by the steps of pytorch-fid 0.3.0's calculate_frechet_distance, with the installed scipy:
+    sqrtm(S1 S2), or if that is not finite sqrtm((S1 + eps I)(S2 + eps I)) ("adding eps to diagonal of cov
+    estimates"); the real part, refused (as there) if an imaginary part on the diagonal exceeds 1e-3."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # "Matrix is singular": the case at hand
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = eps * np.eye(len(sigma1))
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+            warnings.warn(f"Frechet distance: singular product; added {eps} to the diagonal of both covariances "
+                          f"inside the square root, as pytorch-fid does")
+    if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise ValueError(f"Frechet distance: (S1 S2)^1/2 has imaginary components up to "
+                         f"{np.abs(covmean.imag).max():.3g} (pytorch-fid refuses these too)")
+    return np.trace(covmean.real)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6).
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6): pytorch-fid 0.3.0's
+    calculate_frechet_distance with the same scipy (to 1e-13 relative, measured; N < dim included).
 
-    d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with tr((S1 S2)^1/2) = sum_i sqrt(lambda_i) where
-    lambda_i are the eigenvalues of the symmetric L^T S2 L, S1 = L L^T its Cholesky factor (L^T S2 L is similar to
-    S1 S2: L^-1 (S1 S2) L = L^T S2 L, so the spectrum is the same). No scipy.linalg.sqrtm of the non-symmetric
-    product: real-valued, and one symmetric eigenvalue problem instead of a Schur decomposition. Round-off negative
-    eigenvalues are clipped to 0.
-
-    Singular covariances (fewer images than dimensions): pytorch-fid adds eps * I to both covariances when sqrtm
-    of their product is not finite; here eps * I is added to both when either is numerically rank deficient, with
-    a warning. The eigen route would stay finite without it; the offset keeps the numbers comparable."""
+    d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2). Full-rank covariances (Cholesky pivots above the
+    np.linalg.matrix_rank tolerance): tr((S1 S2)^1/2) = sum_i sqrt(lambda_i) over the eigenvalues of the symmetric
+    L^T S2 L, S1 = L L^T (L^-1 (S1 S2) L = L^T S2 L: same spectrum), negatives from round-off clipped to 0; one
+    symmetric eigenvalue problem, faster than sqrtm (`bench.py fid`), and S1 S2 has positive eigenvalues, so
+    pytorch-fid's sqrtm is finite and adds no eps either. Singular ones (fewer images than dimensions): pytorch-fid's
+    own steps (trace_sqrt_product_as_pytorch_fid: eps * I only where its sqrtm is not finite), with a warning."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     dim = len(mu1)
     for name, value, shape in (("mu2", mu2, (dim,)), ("sigma1", sigma1, (dim, dim)), ("sigma2", sigma2, (dim, dim))):
         if value.shape != shape:
-            raise ValueError(f"frechet_distance: {name} has shape {value.shape}, expected {shape} (mu1 is {dim}-d)")
+            raise ValueError(f"Frechet distance: {name} has shape {value.shape}, expected {shape} (mu1 is {dim}-d)")
         if not np.isfinite(value).all():
-            raise ValueError(f"frechet_distance: {name} holds NaN or inf")
+            raise ValueError(f"Frechet distance: {name} holds NaN or inf")
     lower = _cholesky(sigma1)
-    if lower is None or _cholesky(sigma2) is None:
-        warnings.warn(f"frechet_distance: singular covariance (fewer samples than {dim} dimensions?); "
-                      f"adding {eps} * I to both covariances, as pytorch-fid does")
-        sigma1, sigma2 = sigma1 + eps * np.eye(dim), sigma2 + eps * np.eye(dim)
-        lower = np.linalg.cholesky(sigma1)
-    product = lower.T @ sigma2 @ lower
-    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)  # symmetrise away round-off
-    trace_sqrt_product = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    if lower is not None and _cholesky(sigma2) is not None:
+        product = lower.T @ sigma2 @ lower
+        eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)  # symmetrise away round-off
+        trace_sqrt_product = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    else:
+        warnings.warn(f"Frechet distance: singular covariance (fewer images than {dim} dimensions?), computed with "
+                      f"scipy.linalg.sqrtm as pytorch-fid; an FID of so few images is biased upwards")
+        trace_sqrt_product = trace_sqrt_product_as_pytorch_fid(sigma1, sigma2, eps)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
@@ -518,9 +543,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def squared_distances(a, b):
     """Squared Euclidean distances (len(a), len(b)) as |a|^2 + |b|^2 - 2 a.b, one matrix product (float64 inputs).
-
-    Values within the round-off of that expansion (dim * eps * (|a|^2 + |b|^2)) are set to exactly 0, so that
-    duplicated features are at distance 0 in every chunk and compare equal to a radius of 0."""
+    Values within the round-off of that expansion (dim * eps * (|a|^2 + |b|^2)) are set to exactly 0, so that a
+    point is at distance 0 from itself and from its duplicates (as sklearn's zeroed diagonal in prdc), never below."""
     norms_a, norms_b = a.square().sum(1)[:, None], b.square().sum(1)[None, :]
     squared = norms_a + norms_b - 2 * a @ b.T  # (len(a), len(b))
     round_off = a.shape[1] * torch.finfo(a.dtype).eps * (norms_a + norms_b)
@@ -543,38 +567,37 @@ def prdc(real_features, fake_features, k=5, chunk_size=4096):
     """Precision, recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020).
 
     With r_i the distance from real i to its k-th nearest real neighbour and s_j the same for fake j:
-      precision = mean_j [exists i: d(i, j) <= r_i]      recall   = mean_i [exists j: d(i, j) <= s_j]
-      density   = mean_j #{i: d(i, j) <= r_i} / k         coverage = mean_i [exists j: d(i, j) <= r_i]
-    These are the `prdc` package's definitions with closed balls (<=, as Eq. 1 of Kynkaanniemi et al.): prdc's
-    strict < counts a real point as uncovered even by an identical fake when it has k duplicates (r_i = 0). With
-    closed balls identical sets give precision = recall = coverage = 1 and density (k + 1) / k (each ball holds
-    its centre and its k neighbours); independent samples of one distribution have expected density 1.
+      precision = mean_j [exists i: d(i, j) < r_i]      recall   = mean_i [exists j: d(i, j) < s_j]
+      density   = mean_j #{i: d(i, j) < r_i} / k         coverage = mean_i [exists j: d(i, j) < r_i]
+    That is compute_prdc of the `prdc` package 0.2 (Naeem et al.'s code), open balls (strict <) included, and its
+    numbers (to 2e-16, measured): identical sets give 1 for all four (a ball holds its centre, its k-th neighbour
+    sits on the sphere, outside); a point with k duplicates has an empty ball (r_i = 0).
 
     Distances are computed in float64 on the features' device, in chunk_size x chunk_size blocks (k-NN radii by
-    a running top-k over column blocks): memory stays bounded, never an N x M matrix."""
+    a running top-k over column blocks): memory stays bounded, never an N x M matrix. A radius and the distances
+    compared with it come from the same block products, so ties (identical sets) are exact."""
     real = torch.as_tensor(real_features).to(torch.float64)
     fake = torch.as_tensor(fake_features).to(real.device, torch.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"prdc: expected (N, D) real and (M, D) fake features, got {tuple(real.shape)} "
-                         f"and {tuple(fake.shape)}")
+        raise ValueError(f"precision / recall: expected (N, D) real and (M, D) fake features, got "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"prdc: k={k} nearest neighbours need more than {k} points per set, "
-                         f"got {len(real)} real and {len(fake)} fake")
+        raise ValueError(f"precision / recall: k={k} nearest neighbours (--prdc-k) need more than {k} points per "
+                         f"set, got {len(real)} real and {len(fake)} fake")
     for name, features in (("real_features", real), ("fake_features", fake)):
         if not torch.isfinite(features).all():
-            raise ValueError(f"prdc: {name} hold NaN or inf values")
+            raise ValueError(f"precision / recall: {name} hold NaN or inf values")
     real_radii, fake_radii = knn_radii(real, k, chunk_size), knn_radii(fake, k, chunk_size)
-    precision_hit = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
+    precision_hit, recall_hit, coverage_hit = (torch.zeros(n, dtype=torch.bool, device=real.device)
+                                               for n in (len(fake), len(real), len(real)))
     density_count = torch.zeros(len(fake), dtype=torch.int64, device=real.device)
-    recall_hit = torch.zeros(len(real), dtype=torch.bool, device=real.device)
-    coverage_hit = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     for i in range(0, len(real), chunk_size):
         rows = slice(i, i + chunk_size)
         for j in range(0, len(fake), chunk_size):
             columns = slice(j, j + chunk_size)
             distance = squared_distances(real[rows], fake[columns])  # (r, c), compared with squared radii
-            in_real_ball = distance <= real_radii[rows, None]  # fake j inside the k-NN ball of real i
-            in_fake_ball = distance <= fake_radii[None, columns]  # real i inside the k-NN ball of fake j
+            in_real_ball = distance < real_radii[rows, None]  # fake j inside the open k-NN ball of real i
+            in_fake_ball = distance < fake_radii[None, columns]  # real i inside the open k-NN ball of fake j
             precision_hit[columns] |= in_real_ball.any(dim=0)
             density_count[columns] += in_real_ball.sum(dim=0)
             coverage_hit[rows] |= in_real_ball.any(dim=1)
@@ -603,16 +626,17 @@ def radial_power_spectrum(images):
     Column f is f cycles per image along the shorter side (0 = mean brightness, the last one the Nyquist
     frequency); the corners beyond Nyquist are dropped, they are not full rings. No window is applied.
     The lowest bins average few pixels, so their log sits a little low (the log of a mean of few values); the
-    bias is the same for every set of same-size images and cancels in differences between sets."""
+    bias is the same for every set of same-size images and cancels in differences between sets. Compare one size
+    only: the same content at more pixels has more power per bin (x H W; SpectrumMean resizes)."""
     images = torch.as_tensor(images)
-    check_finite_images(images, "radial_power_spectrum input")
+    check_finite_images(images, "power spectrum input")
     if images.ndim == 4 and images.shape[1] == 3:
         weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64, device=images.device)
         gray = torch.einsum("nchw,c->nhw", images.to(torch.float64), weights)  # (N, H, W)
     elif (images.ndim == 4 and images.shape[1] == 1) or images.ndim == 3:
         gray = images.reshape(-1, *images.shape[-2:]).to(torch.float64)  # (N, H, W)
     else:
-        raise ValueError(f"radial_power_spectrum: expected (N, 3, H, W), (N, 1, H, W) or (N, H, W), "
+        raise ValueError(f"power spectrum: expected images (N, 3, H, W), (N, 1, H, W) or (N, H, W), "
                          f"got {tuple(images.shape)}")
     height, width = gray.shape[-2:]
     power = torch.fft.fftshift(torch.fft.fft2(gray), dim=(-2, -1)).abs().square() / (height * width)  # (N, H, W)
@@ -626,23 +650,20 @@ def radial_power_spectrum(images):
 
 class SpectrumMean:
     """Mean over a set of the per-image log10 spectra (so the set difference is the mean per-image difference).
+    Every image is first brought to one size (H, W), `size` or else the first image's, by resize() (the Inception
+    resize, RESIZE_METHOD): the power per bin of the same content grows with the pixel count (the same photos at
+    64 and 500 px sit (500 / 64)^2, 1.8 decades, apart), so only spectra of one size compare bin by bin."""
 
-    Images of different sizes share the frequencies in cycles per image up to the smallest one's Nyquist; the
-    mean keeps those."""
-
-    def __init__(self):
-        self.total = None
-        self.count = 0
+    def __init__(self, size=None):
+        self.size, self.total, self.count, self.resized = size and tuple(size), 0.0, 0, 0
 
     def update(self, images, device):
-        for shape in sorted({tuple(image.shape) for image in images}):
-            batch = torch.stack([image for image in images if tuple(image.shape) == shape]).to(device)
-            spectra = radial_power_spectrum(batch.float() / 255).sum(0)  # (n_bins,)
-            if self.total is not None:
-                n_bins = min(len(spectra), len(self.total))
-                spectra = self.total[:n_bins] + spectra[:n_bins]
-            self.total = spectra
-            self.count += len(batch)
+        self.size = self.size or tuple(images[0].shape[-2:])
+        batch = [image[None].to(device).float() / 255 for image in images]  # B x (1, 3, h, w)
+        self.resized += sum(x.shape[-2:] != self.size for x in batch)
+        batch = torch.cat([x if x.shape[-2:] == self.size else resize(x, self.size) for x in batch])  # (B, 3, H, W)
+        self.total = self.total + radial_power_spectrum(batch).sum(0)  # (n_bins,)
+        self.count += len(batch)
 
     def mean(self):
         return (self.total / self.count).cpu().numpy()
@@ -658,12 +679,31 @@ def octave_bands(n_bins):
     return bands
 
 
+def upper_octave_log_ratio(images, reference):
+    """log10(P(images) / P(reference)) per image pair over the upper octave: (N, 3, H, W) x 2 -> (N, K) float64.
+
+    P: radial_power_spectrum's per-image power (BT.601 luma, |F|^2 / (H W), integer radius bins, floored at
+    POWER_FLOOR), so this is the difference of the two log10 spectra on the K bins of the last band of octave_bands,
+    [f_max / 2, f_max] cycles per image (f_max = min(H, W) // 2) for power-of-two sizes. Negative: the images miss
+    high-frequency power (blur); positive: extra (noise); identical images give exactly 0. Give both in one range
+    ([-1, 1] or [0, 1]): an offset moves only the DC bin, a scale every bin."""
+    if images.shape != reference.shape or images.ndim != 4:
+        raise ValueError(f"high-frequency error: expected two (N, 3, H, W) batches of one shape, got "
+                         f"{tuple(images.shape)} and {tuple(reference.shape)}")
+    log_ratio = radial_power_spectrum(images) - radial_power_spectrum(reference)  # (N, n_bins)
+    low, high = octave_bands(log_ratio.shape[1])[-1]
+    return log_ratio[:, low:high + 1]  # (N, K)
+
+
 def compare_spectra(spectra):
-    """spectra: {name: mean log10 power (n_bins,)}, the first is the reference. Returns a JSON-ready dict with the
-    curves, each set's difference to the reference (paper Fig. 4) and its error per octave band (Fig. 5)."""
+    """spectra: {name: mean log10 power (n_bins,)} of images of one size, the first the reference -> a JSON-ready
+    dict of the curves, their differences to the reference (paper Fig. 4) and errors per octave band (Fig. 5)."""
     names = list(spectra)
-    n_bins = min(len(curve) for curve in spectra.values())  # sets of different sizes share the lower bins
-    curves = {name: np.asarray(spectra[name][:n_bins], np.float64) for name in names}
+    lengths = {name: len(curve) for name, curve in spectra.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"power spectra of different lengths {lengths}: the image sets have different sizes, and "
+                         f"their spectra would differ by a flat offset; remake the reference with `fid.py stats`")
+    n_bins, curves = lengths[names[0]], {name: np.asarray(spectra[name], np.float64) for name in names}
     reference = curves[names[0]]
     result = {"reference": names[0], "frequency_cycles_per_image": list(range(n_bins)),
               "log10_power": {name: curve.tolist() for name, curve in curves.items()},
@@ -680,16 +720,15 @@ def compare_spectra(spectra):
 
 def write_spectrum_csv(path, comparison):
     """One row per frequency: the log10 power of every set, then every set's difference to the reference."""
-    names = list(comparison["log10_power"])
-    differences = comparison["difference_to_reference"]
-    text = io.StringIO()
+    names, differences, text = list(comparison["log10_power"]), comparison["difference_to_reference"], io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["cycles_per_image"] + [f"log10_power:{n}" for n in names]
                     + [f"difference_to_reference:{n}" for n in differences])
     for f in comparison["frequency_cycles_per_image"]:
         writer.writerow([f] + [f"{comparison['log10_power'][n][f]:.6g}" for n in names]
                         + [f"{differences[n][f]:.6g}" for n in differences])
-    write_atomically(path, lambda file: file.write(text.getvalue().encode()))
+    with output_file(path) as file:
+        file.write(text.getvalue().encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -701,8 +740,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 
 def nice_ticks(low, high, count=6):
     """Round tick values (steps of 1, 2 or 5 times a power of ten) covering [low, high]."""
-    if high <= low:
-        low, high = low - 0.5, high + 0.5
+    low, high = (low - 0.5, high + 0.5) if high <= low else (low, high)
     raw_step = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw_step))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step)
@@ -714,9 +752,8 @@ def nice_ticks(low, high, count=6):
 def draw_panel(draw, box, curves, title, x_label, y_label, font):
     """Line plot of curves [(name, xs, ys, color)] inside box = (left, top, right, bottom) of the figure."""
     left, top, right, bottom = box
-    xs = np.concatenate([c[1] for c in curves])
-    ys = np.concatenate([c[2] for c in curves])
-    x_ticks, y_ticks = nice_ticks(xs.min(), xs.max()), nice_ticks(ys.min(), ys.max())
+    x_ticks, y_ticks = (nice_ticks(min(np.min(c[i]) for c in curves), max(np.max(c[i]) for c in curves))
+                        for i in (1, 2))
     x_low, x_high, y_low, y_high = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
 
     def to_pixel(x, y):
@@ -741,14 +778,11 @@ def draw_panel(draw, box, curves, title, x_label, y_label, font):
     draw.text((left, top - 28), y_label, fill="black", font=font, anchor="lm")
 
 
-def draw_legend(draw, corner, entries, font):
-    """Legend box [(name, color)] with its top-right corner at `corner`."""
-    width = 40 + max(draw.textlength(name, font=font) for name, _ in entries)
-    right, top = corner
-    left = right - width
+def draw_legend(draw, right, top, entries, font):
+    """Legend box [(name, color)] with its top-right corner at (right, top)."""
+    left = right - 40 - max(draw.textlength(name, font=font) for name, _ in entries)
     draw.rectangle([left, top, right, top + 8 + 20 * len(entries)], fill="white", outline="black")
-    for row, (name, color) in enumerate(entries):
-        y = top + 14 + 20 * row
+    for y, (name, color) in zip(range(top + 14, top + 14 + 20 * len(entries), 20), entries):
         draw.line([(left + 8, y), (left + 28, y)], fill=color, width=3)
         draw.text((left + 34, y), name, fill="black", font=font, anchor="lm")
 
@@ -765,24 +799,26 @@ def plot_spectra(path, comparison, title):
     power_curves = [(n, frequency, np.asarray(comparison["log10_power"][n][1:]), colors[n]) for n in names]
     draw_panel(draw, (90, 110, 670, 540), power_curves, "Radially averaged power spectrum",
                "frequency (cycles per image)", "log10 power", font)
-    reference = comparison["reference"]
-    difference_curves = [(reference, frequency, np.zeros(len(frequency)), colors[reference])]
-    difference_curves += [(n, frequency, np.asarray(d[1:]), colors[n])
-                          for n, d in comparison["difference_to_reference"].items()]
+    reference, differences = comparison["reference"], comparison["difference_to_reference"]
+    difference_curves = [(n, frequency, np.asarray(differences[n][1:]) if n in differences else 0 * frequency,
+                          colors[n]) for n in names]
     draw_panel(draw, (790, 110, 1370, 540), difference_curves, f"Difference to {reference}",
                "frequency (cycles per image)", "log10 power - reference", font)
-    draw_legend(draw, (660, 120), [(n, colors[n]) for n in names], font)
-    write_atomically(path, lambda file: image.save(file, format="PNG"))
+    draw_legend(draw, 660, 120, [(n, colors[n]) for n in names], font)
+    with output_file(path) as file:
+        image.save(file, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One pass over an image set
 # ----------------------------------------------------------------------------------------------------------------
 
-def measure_images(images, device, batch_size, workers, inception=None, keep_features=0, spectrum=False):
-    """Inception statistics (with a feature subset of size keep_features) and / or the mean spectrum of a set."""
+def measure_images(images, device, batch_size, workers, inception=None, keep_features=0, spectrum=False,
+                   spectrum_size=None):
+    """Inception statistics (with a feature subset of size keep_features) and / or the mean spectrum of a set,
+    its images brought to spectrum_size (default: the first image's size) first."""
     statistics = FeatureStatistics()
-    spectrum_mean = SpectrumMean() if spectrum else None
+    spectrum_mean = SpectrumMean(spectrum_size) if spectrum else None
     keep = subset_mask(len(images), keep_features)
     kept, start = [], 0
     with tqdm(total=len(images), unit="img", desc=str(images.path)) as progress:
@@ -798,10 +834,11 @@ def measure_images(images, device, batch_size, workers, inception=None, keep_fea
             progress.update(len(batch))
     result = {"count": len(images)}
     if inception is not None:
-        result["mu"], result["sigma"] = statistics.mean_and_covariance()
+        result["mu"], result["sigma"] = statistics.mean_and_covariance(images.path)
         result["features"] = torch.cat(kept).numpy()
     if spectrum_mean is not None:
-        result["spectrum"] = spectrum_mean.mean()
+        result.update(spectrum=spectrum_mean.mean(), spectrum_size=list(spectrum_mean.size),
+                      spectrum_resized=spectrum_mean.resized)
     return result
 
 
@@ -816,33 +853,34 @@ def command_stats(args):
                             keep_features=args.max_features, spectrum=True)
     meta = {"num_images": result["count"], "source": str(images.path), "source_meta": images.meta,
             "inception_sha256": sha256, "resize": RESIZE_METHOD, "num_features": len(result["features"]),
-            "feature_subset_seed": FEATURE_SUBSET_SEED, "spectrum": "mean log10 power, cycles per image"}
-    write_atomically(args.out, lambda file: np.savez(
-        file, mu=result["mu"], sigma=result["sigma"], features=result["features"].astype(np.float32),
-        spectrum=result["spectrum"], meta=np.array(json.dumps(meta))))
+            "feature_subset_seed": FEATURE_SUBSET_SEED, "spectrum": "mean log10 power, cycles per image",
+            "spectrum_size": result["spectrum_size"]}  # eval brings samples to it before their spectrum
+    with output_file(args.out) as file:
+        np.savez(file, mu=result["mu"], sigma=result["sigma"], features=result["features"].astype(np.float32),
+                 spectrum=result["spectrum"], meta=np.array(json.dumps(meta)))
     print(f"wrote {args.out}: statistics of {result['count']} images, {len(result['features'])} features kept")
 
 
 def load_reference(path):
-    """The arrays of a stats npz: mu and sigma always, features / spectrum / meta when present."""
-    path = Path(path)
+    """The arrays of a stats npz: mu and sigma always, features / spectrum / meta when present, shapes checked."""
+    path, expected = Path(path), "reference statistics written by `fid.py stats` (mu, sigma, features, ...)"
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found; make them with `python fid.py stats`")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [key for key in ("mu", "sigma") if key not in data.files]
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {missing} (found {data.files}); expected a `fid.py stats` file")
-        reference = {key: data[key] for key in data.files if key != "meta"}
-        reference["meta"] = read_meta(data["meta"], path) if "meta" in data.files else {}
+    keys, reference = load_npz(path, expected)
+    for key, shape in (("mu", (FEATURE_DIM,)), ("sigma", (FEATURE_DIM, FEATURE_DIM))):
+        if key not in reference or reference[key].shape != shape or not np.isfinite(reference[key]).all():
+            raise ValueError(f"{path}: key {key!r} missing, not {shape} or not finite; expected {expected}")
+    if "features" in reference and reference["features"].shape[1:] != (FEATURE_DIM,):
+        raise ValueError(f"{path}: key 'features' is {reference['features'].shape}, not (N, {FEATURE_DIM})")
+    reference["meta"] = read_meta(reference["meta"], path) if "meta" in keys else {}
     return reference
 
 
 def command_eval(args):
     reference = load_reference(args.ref)
-    if args.prdc and "features" not in reference:
-        raise ValueError(f"{args.ref}: no key 'features'; --prdc needs a reference made by `python fid.py stats`")
-    if args.spectrum_plot and "spectrum" not in reference:
-        raise ValueError(f"{args.ref}: no key 'spectrum'; --spectrum-plot needs a reference made by `fid.py stats`")
+    for wanted, flag, key in ((args.prdc, "--prdc", "features"), (args.spectrum_plot, "--spectrum-plot", "spectrum")):
+        if wanted and key not in reference:
+            raise ValueError(f"{args.ref}: no key {key!r}; {flag} needs a reference made by `python fid.py stats`")
     inception, sha256 = InceptionV3.from_file(args.inception)
     reference_sha256 = reference["meta"].get("inception_sha256")
     if reference_sha256 is None:
@@ -853,7 +891,8 @@ def command_eval(args):
     samples = open_images(args.samples)
     keep = len(reference["features"]) if args.prdc else 0
     result = measure_images(samples, args.device, args.batch_size, args.workers, inception.to(args.device),
-                            keep_features=keep, spectrum=bool(args.spectrum_plot))
+                            keep_features=keep, spectrum=bool(args.spectrum_plot),
+                            spectrum_size=reference["meta"].get("spectrum_size"))
     report = {"fid": frechet_distance(result["mu"], result["sigma"], reference["mu"], reference["sigma"]),
               "num_samples": result["count"], "samples": str(samples.path), "samples_meta": samples.meta,
               "samples_arrays": samples.arrays, "reference": str(args.ref), "reference_sha256": sha256_of(args.ref),
@@ -862,16 +901,14 @@ def command_eval(args):
               "inception_is_standard": sha256.startswith(FID_WEIGHTS_SHA256_PREFIX),
               "resize": RESIZE_METHOD, "device": str(args.device), "torch": torch.__version__}
     if args.prdc:
-        report.update(prdc(reference["features"], result["features"], k=args.prdc_k))
-        report.update(prdc_k=args.prdc_k, prdc_num_real=len(reference["features"]),
-                      prdc_num_fake=len(result["features"]))
+        report.update(prdc(reference["features"], result["features"], k=args.prdc_k), prdc_k=args.prdc_k,
+                      prdc_num_real=len(reference["features"]), prdc_num_fake=len(result["features"]))
     if args.spectrum_plot:
         comparison = compare_spectra({"reference": reference["spectrum"], "samples": result["spectrum"]})
         plot_spectra(args.spectrum_plot, comparison, f"{samples.path.name} vs {Path(args.ref).name}")
         report["spectrum_band_error"] = comparison["band_error"]["samples"]
-    for key in ("fid", "precision", "recall", "density", "coverage"):
-        if key in report:
-            print(f"{key}: {report[key]:.4f}")
+    print("\n".join(f"{key}: {report[key]:.4f}" for key in ("fid", "precision", "recall", "density", "coverage")
+                    if key in report))
     if args.json:
         write_json(args.json, report)
     return report
@@ -879,13 +916,17 @@ def command_eval(args):
 
 def command_spectrum(args):
     if len(args.sets) < 2:
-        raise ValueError(f"spectrum: give at least two image sets (the first is the reference), got {args.sets}")
-    spectra = {}
+        raise ValueError(f"give at least two image sets (the first is the reference), got {args.sets}")
+    spectra, size = {}, None
     for path in args.sets:
         images = open_images(path)
         name = images.path.name if images.path.name not in spectra else str(images.path)
-        spectra[name] = measure_images(images, args.device, args.batch_size, args.workers, spectrum=True)["spectrum"]
-    comparison = compare_spectra(spectra)
+        result = measure_images(images, args.device, args.batch_size, args.workers, spectrum=True, spectrum_size=size)
+        spectra[name], size = result["spectrum"], result["spectrum_size"]
+        if result["spectrum_resized"]:
+            print(f"{name}: {result['spectrum_resized']} of {result['count']} images resized to {size[0]}x{size[1]} "
+                  f"(the reference's first image) before their spectrum")
+    comparison = dict(compare_spectra(spectra), image_size=size)
     plot_spectra(args.plot, comparison, "Power spectra, reference " + comparison["reference"])
     if args.json:
         write_json(args.json, comparison)
@@ -905,10 +946,11 @@ def build_parser():
     def add_loading_flags(command):
         command.add_argument("--batch-size", type=int, default=50)
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        command.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes decoding image files (folders)")
+        command.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                             help="processes decoding image files (folders)")
 
     stats = commands.add_parser("stats", help="Inception statistics, features and spectrum of real images")
-    stats.add_argument("--images", required=True, help="folder of png/jpg (recursive) or npz with arr_0")
+    stats.add_argument("--images", required=True, help=f"folder of {IMAGE_KINDS} (recursive) or npz with arr_0")
     stats.add_argument("--inception", required=True, help=f"path to {FID_WEIGHTS_NAME}")
     stats.add_argument("--out", required=True, help="statistics .npz to write")
     stats.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES,
@@ -922,12 +964,15 @@ def build_parser():
     evaluate.add_argument("--prdc", action="store_true", help="precision / recall / density / coverage, on as "
                           "many samples (a seeded random subset) as the reference stores features")
     evaluate.add_argument("--prdc-k", type=int, default=5, help="nearest neighbours for --prdc")
-    evaluate.add_argument("--spectrum-plot", help="PNG of the samples' power spectrum against the reference's")
+    evaluate.add_argument("--spectrum-plot", help="PNG of the samples' power spectrum against the reference's "
+                          "(samples resized to the reference's image size first, as Inception resizes)")
     evaluate.add_argument("--json", help="report .json to write")
     add_loading_flags(evaluate)
 
-    spectrum = commands.add_parser("spectrum", help="power spectra of image sets, the first is the reference")
-    spectrum.add_argument("sets", nargs="+", help="folders of png/jpg or npz files with arr_0")
+    note = ("power spectra of image sets, the first is the reference; every image is first resized (bilinear, as "
+            "for Inception) to the reference's first image's size: the same content at more pixels has more power")
+    spectrum = commands.add_parser("spectrum", help=note, description=note)
+    spectrum.add_argument("sets", nargs="+", help=f"folders of {IMAGE_KINDS} or npz files with arr_0")
     spectrum.add_argument("--plot", required=True, help="PNG to write")
     spectrum.add_argument("--json", help="curves, differences and band errors as .json")
     spectrum.add_argument("--csv", help="curves and differences as .csv")
@@ -938,16 +983,14 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.device.startswith("cuda"):  # FID in float32 like pytorch-fid, not TF32
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     command = {"stats": command_stats, "eval": command_eval, "spectrum": command_spectrum}[args.command]
     try:
         command(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"fid.py {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as error:  # user errors: one line, no traceback
+        raise SystemExit(f"fid.py {args.command}: error: {' '.join(str(error).split())}") from None
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
