@@ -2,51 +2,49 @@
 The autoencoder of a latent diffusion model, loaded exactly from its real checkpoint, and the decoder
 feature taps that the latent perceptual loss compares (LPL, Berrada et al., ICLR 2025, Sec. 3.2 and Fig. 7).
 
-Two families:
-  * KL-f8 VAEs of latent-diffusion: SD 1.x/2.x and SDXL (4 latent channels), SD3 and FLUX.1 (16), from
-    diffusers or original LDM/SGM checkpoints (.safetensors, .ckpt, .pt, .pth, full SD checkpoints included);
+Supported, from diffusers or the original checkpoints (.safetensors, .ckpt, .pt, .pth, full model checkpoints):
+  * KL-f8 VAEs of latent-diffusion: SD 1.x/2.x and SDXL (4 latent channels), SD3 and FLUX.1 (16);
+  * the asymmetric VAE of Zhu et al. (2023), the paper's main autoencoder (Sec. 4.1): SD's encoder and latent space,
+    a wider decoder with more ResNet blocks per level (diffusers AsymmetricAutoencoderKL x-1-5 and x-2, or the
+    .ckpt files of buxiangzhiren/Asymmetric_VQGAN). Its decoder also holds a mask-conditioned inpainting branch that
+    plain decoding never runs (diffusers' decode(z) without image and mask skips it): those weights are checked
+    against the decoder's widths and listed in the load log as not used, not loaded;
+  * FLUX.2's VAE (32 channels; diffusers AutoencoderKLFlux2 or BFL's ae.safetensors): a KL-f8 VAE whose latents
+    are normalised by the running statistics of its `bn` BatchNorm over 2x2 latent patches (see PatchBatchNorm);
   * the tiny autoencoders TAESD, TAESDXL, TAESD3, TAEF1, TAEF2 (madebyollin/taesd), from their
     *_encoder.pth / *_decoder.pth pairs or a diffusers AutoencoderTiny file.
+Not supported, being other architectures rather than other key names: VQ autoencoders (a codebook between
+encoder and decoder), DC-AE (deep compression, f32+), consistency decoders, the causal 3D video VAEs (Wan, Hunyuan,
+Qwen-Image). A file that is truncated, corrupt or not a checkpoint gives one ValueError line naming it.
 
-Encode an image folder (class sub-folders give the labels) into the flat-file dataset train.py reads:
-
-    python autoencoder.py encode --vae sdxl_vae.safetensors --vae-family sdxl \
-        --images imagenet/train --out data/in256 --resolution 256 --flip
-    torchrun --nproc_per_node=8 autoencoder.py encode --vae ...    # same flags; one node: each rank encodes a
-                                                                  # contiguous share, rank 0 merges
-    python autoencoder.py roundtrip --vae ../shared/weights/taef2_encoder.pth \
-        --image ../shared/data/kodak/kodim01.png --out /tmp/kodim01.png --resolution 256   # prints the PSNR
+Checkpoint files are read by data.py (safetensors without the safetensors package, torch.load weights_only), which
+also holds the command lines: `python data.py encode` (image folder -> flat files) and `python data.py roundtrip`
+(one image through the autoencoder, prints the PSNR; `python autoencoder.py encode|roundtrip` is the same).
 
 In Python (all images in [-1, 1], all latents scaled: z_scaled = (z - shift_factor) * scaling_factor):
 
-    ae = load_autoencoder("sdxl_vae.safetensors", family="sdxl", device="cuda")
+    ae = load_autoencoder("sdxl_vae.safetensors", family="sdxl", device="cuda")  # the paper's ablation AE
+    ae = load_autoencoder("asymmetric-autoencoder-kl-x-1-5")  # its main AE: a diffusers folder (or the original .ckpt)
     z = ae.encode(images)                          # (B, 3, H, W) -> (B, C, H/8, W/8)
     features = ae.decoder_features(z, n_blocks=5)  # mid block, then each up block: coarse to fine
     images = ae.decode(z)
 """
-import argparse
-import contextlib
+
 import functools
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import warnings
-import zipfile
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
+
+from data import read_checkpoint, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------------
 # Known latent spaces
@@ -58,6 +56,8 @@ FAMILIES = {
     "sdxl": ("kl", 4, 0.13025, 0.0),  # the paper's ablation AE
     "sd3": ("kl", 16, 1.5305, 0.0609),
     "flux": ("kl", 16, 0.3611, 0.1159),  # FLUX.1
+    # FLUX.2: its own BatchNorm statistics normalise the latents (PatchBatchNorm), so no further scale or shift
+    "flux2": ("kl", 32, 1.0, 0.0),
     # The tiny autoencoders are distilled on the *scaled* latents of the VAE they mimic (TAESD's author: "there is
     # no scaling_factor for TAESD"; diffusers' AutoencoderTiny configs say 1.0), so their own scale is 1 and shift 0.
     "taesd": ("tiny", 4, 1.0, 0.0),
@@ -69,7 +69,7 @@ FAMILIES = {
 # SD 1.x and SDXL (and SD3 and FLUX.1) share a layout: shapes cannot tell them apart, so one is the default.
 # "sd": the latent space of the paper's main results and of the usual class-conditional ImageNet baselines;
 # "sd3": the VAE made for the MMDiT that model.py implements.
-DEFAULT_FAMILY = {("kl", 4): "sd", ("kl", 16): "sd3",
+DEFAULT_FAMILY = {("kl", 4): "sd", ("kl", 16): "sd3", ("kl", 32): "flux2",
                   ("tiny", 4): "taesd", ("tiny", 16): "taef1", ("tiny", 32): "taef2"}
 # What the rest of a full model checkpoint says about which VAE it carries.
 CONTEXT_FAMILY = {
@@ -80,133 +80,10 @@ CONTEXT_FAMILY = {
 }
 
 
-def family_for(kind, channels, scaling_factor, shift_factor):
-    """The known family whose constants these are, or None."""
-    for name, (family_kind, family_channels, scale, shift) in FAMILIES.items():
-        if (family_kind, family_channels) == (kind, channels) and math.isclose(scale, scaling_factor) \
-                and math.isclose(shift, shift_factor, abs_tol=1e-9):
-            return name
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint files: safetensors without the safetensors package, torch.load(weights_only=True), atomic writes
-# ----------------------------------------------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-# numpy has no bfloat16: those bytes are viewed as int16 and reinterpreted by torch.
-NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.int64: np.int64}
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yields a temporary path in the same folder, renamed onto `path` only if the block completes."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Writes {name: tensor} as .safetensors (atomically): an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}} padded to 8 bytes, then the raw bytes."""
-    header, offset = {}, 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in SAFETENSORS_NAMES:
-            raise ValueError(f"save_safetensors({path}): tensor {name!r} is {tensor.dtype}; "
-                             f"supported: {', '.join(map(str, SAFETENSORS_NAMES))}")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
-        if bad:
-            raise TypeError(f"save_safetensors({path}): metadata keys and values must be str; not {bad}")
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        file.write(len(blob).to_bytes(8, "little"))
-        file.write(blob)
-        for tensor in tensors.values():
-            file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def load_safetensors(path):
-    """Reads a .safetensors file -> (tensors, metadata). Tensors are memory-mapped copy-on-write (np.memmap
-    mode "c"): only those you use are read from disk, which matters for a 7 GB checkpoint holding a 160 MB VAE."""
-    path = Path(path)
-    file_size = path.stat().st_size
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        if file_size < 10 or not 2 <= header_size <= file_size - 8:
-            raise ValueError(f"{path} is not a checkpoint: not a valid .safetensors file (header length {header_size}, "
-                             f"file size {file_size})")
-        try:
-            header = json.loads(file.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a checkpoint: its .safetensors header is not JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a checkpoint: its .safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_size
-    data_size = file_size - data_start
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_size,)) if data_size else None
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}; expected dtype in "
-                             f"{list(SAFETENSORS_DTYPES)}, shape and data_offsets") from error
-        item_size = torch.tensor([], dtype=dtype).element_size()
-        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * item_size:
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has data_offsets "
-                             f"{[begin, end]} outside or inconsistent with the {data_size}-byte data section")
-        raw = data[begin:end] if end > begin else np.zeros(0, np.uint8)
-        if (data_start + begin) % item_size:
-            raw = np.array(raw)  # a misaligned tensor is copied into aligned memory
-        tensor = torch.from_numpy(raw.view(NUMPY_STORAGE[dtype]).reshape(shape))
-        tensors[name] = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
-    return tensors, metadata
-
-
-def load_torch_checkpoint(path):
-    """A torch.save file (.ckpt/.pt/.pth) -> {name: tensor}; a full SD .ckpt keeps its weights under "state_dict"."""
-    try:  # torch.load raises many kinds of errors on a file it cannot read; all mean the same here
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as error:
-        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read: {error}") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path} is not a checkpoint: torch.load gave a {type(state).__name__}, "
-                         "expected a dict of tensors (or one under 'state_dict')")
-    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), but {len(not_tensors)} entries are not "
-                         f"tensors: {not_tensors[:10]}")
-    return dict(state)
-
-
-def read_checkpoint(path):
-    """Any supported file -> (tensors, metadata), recognised by its content rather than its extension."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist")
-    with open(path, "rb") as file:
-        head = file.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save zip archive, or a legacy pickle
-        return load_torch_checkpoint(path), {}
-    if head[8:9] == b"{":
-        return load_safetensors(path)
-    raise ValueError(f"{path} is not a checkpoint: expected a .safetensors file or a torch.save file "
-                     "(.ckpt, .pt, .pth)")
+def family_for(names, scaling_factor, shift_factor):
+    """The family among `names` whose constants these are, or None."""
+    return next((name for name in names if math.isclose(FAMILIES[name][2], scaling_factor)
+                 and math.isclose(FAMILIES[name][3], shift_factor, abs_tol=1e-9)), None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,9 +193,10 @@ class UpBlock(nn.Module):
 
 @dataclass(frozen=True)
 class KLLayout:
-    """The sizes of one side (encoder or decoder) of a KL autoencoder, as read from a checkpoint's shapes."""
+    """The sizes of one side (encoder or decoder) of a KL autoencoder, as read from a checkpoint's shapes. The two
+    sides are read apart: the asymmetric decoder of Zhu et al. is wider and deeper than its encoder."""
     block_channels: tuple  # width of each resolution level, fine to coarse (ch * ch_mult): SD (128, 256, 512, 512)
-    num_res_blocks: int  # ResNet blocks per encoder level; the decoder has one more per level
+    num_res_blocks: int  # ResNet blocks per encoder level; a decoder level has one more (LDM's convention)
     z_channels: int  # channels on the encoder/decoder side of the quant convs
     latent_channels: int  # channels of the latents themselves (LDM's embed_dim)
     quant_conv: bool  # a 1x1 quant_conv / post_quant_conv around the latents (SD, SDXL; not SD3, FLUX.1)
@@ -370,6 +248,39 @@ class KLDecoder(nn.Module):
 
     def head(self, x):
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
+
+
+FLUX2_BATCH_NORM_EPS = 1e-4  # BFL's flux2 autoencoder (bn_eps) and diffusers' AutoencoderKLFlux2 (batch_norm_eps)
+
+
+class PatchBatchNorm(nn.Module):
+    """FLUX.2's latent normalisation: its `bn`, a BatchNorm2d without affine weights in eval mode, applied to the
+    latents patchified 2x2, (B, C, H, W) -> (B, 4C, H/2, W/2) with channel c * 4 + 2 * row + column (BFL's encode;
+    diffusers' Flux2Pipeline does the same outside the VAE). Here the same running statistics are applied to the
+    unpatchified latents, one mean and variance per channel and position in a 2x2 patch: the numbers are equal."""
+
+    def __init__(self, channels, eps=FLUX2_BATCH_NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(4 * channels))
+        self.register_buffer("running_var", torch.ones(4 * channels))
+
+    def patches(self, z):
+        b, c, h, w = z.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"FLUX.2 latents are normalised per 2x2 patch: latent height and width must be even "
+                             f"(images a multiple of 16), got {h}x{w}")
+        mean = self.running_mean.view(1, c, 1, 2, 1, 2)
+        std = (self.running_var + self.eps).sqrt().view(1, c, 1, 2, 1, 2)
+        return z.reshape(b, c, h // 2, 2, w // 2, 2), mean, std  # (B, C, H/2, row, W/2, column)
+
+    def normalize(self, z):
+        patches, mean, std = self.patches(z)
+        return ((patches - mean) / std).reshape(z.shape)
+
+    def denormalize(self, z):
+        patches, mean, std = self.patches(z)
+        return (patches * std + mean).reshape(z.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,6 +371,7 @@ class LatentAutoencoder(nn.Module):
         super().__init__()
         self.family, self.scaling_factor, self.shift_factor = "custom", 1.0, 0.0
         self.key_format, self.files = "built", []
+        self.unused = {}  # {file:key: why} of the checkpoint weights that encoding and decoding never run
 
     @property
     def has_encoder(self):
@@ -507,9 +419,10 @@ class LatentAutoencoder(nn.Module):
 
     def describe(self):
         sides = "+".join(side for side in ("encoder", "decoder") if getattr(self, side) is not None)
+        unused = "".join(f"; {n} tensors not used ({why})" for why, n in Counter(self.unused.values()).items())
         return (f"{self.kind} autoencoder '{self.family}' ({self.key_format} keys, {sides}, {self.latent_channels} "
                 f"latent channels, /{self.downsample}, {self.layout_summary()}, scaling {self.scaling_factor:g}, "
-                f"shift {self.shift_factor:g})")
+                f"shift {self.shift_factor:g}){unused}")
 
     def _decoder_start(self, latents):
         self._require("decoder")
@@ -536,7 +449,8 @@ class LatentAutoencoder(nn.Module):
 class KLAutoencoder(LatentAutoencoder):
     kind = "kl"
 
-    def __init__(self, encoder_layout, decoder_layout):
+    def __init__(self, encoder_layout, decoder_layout, batch_norm=False):
+        """batch_norm: FLUX.2's PatchBatchNorm between the quant convs and the latents."""
         super().__init__()
         layouts = [layout for layout in (encoder_layout, decoder_layout) if layout is not None]
         if len({(layout.latent_channels, len(layout.block_channels)) for layout in layouts}) != 1:
@@ -550,24 +464,30 @@ class KLAutoencoder(LatentAutoencoder):
         self.decoder = KLDecoder(decoder_layout) if decoder_layout else None
         self.post_quant_conv = nn.Conv2d(self.latent_channels, decoder_layout.z_channels, 1) \
             if decoder_layout and decoder_layout.quant_conv else None
+        self.bn = PatchBatchNorm(self.latent_channels) if batch_norm else None
 
     def encode_unscaled(self, images):
         moments = self.encoder(images)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        mean, _log_variance = moments.chunk(2, dim=1)
-        return mean  # the posterior mean, not a sample: a dataset of latents is then deterministic
+        mean, _log_variance = moments.chunk(2, dim=1)  # the posterior mean, not a sample: deterministic datasets
+        return mean if self.bn is None else self.bn.normalize(mean)
 
     def decoder_input(self, z):
+        z = z if self.bn is None else self.bn.denormalize(z)
         return z if self.post_quant_conv is None else self.post_quant_conv(z)
 
     def decoder_output(self, x):
         return x
 
     def layout_summary(self):
-        layout = self.decoder_layout or self.encoder_layout
-        return (f"widths {'/'.join(map(str, layout.block_channels))}, {layout.num_res_blocks} res blocks, "
-                f"{'with' if layout.quant_conv else 'no'} quant convs")
+        def sizes(layout):
+            return f"widths {'/'.join(map(str, layout.block_channels))}, {layout.num_res_blocks} res blocks"
+        layouts = [layout for layout in (self.encoder_layout, self.decoder_layout) if layout is not None]
+        summary = sizes(layouts[0]) if len({sizes(layout) for layout in layouts}) == 1 else \
+            f"encoder {sizes(self.encoder_layout)}, asymmetric decoder {sizes(self.decoder_layout)}"
+        return (f"{summary}, {'with' if layouts[0].quant_conv else 'no'} quant convs"
+                f"{', BatchNorm-normalised latents' if self.bn is not None else ''}")
 
 
 class TinyAutoencoder(LatentAutoencoder):
@@ -610,6 +530,7 @@ KL_ARCHS = {
     "sdxl": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, quant_conv=True),
     "sd3": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, quant_conv=False),
     "flux": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, quant_conv=False),
+    "flux2": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=32, quant_conv=True, batch_norm=True),
 }
 
 
@@ -634,7 +555,7 @@ def build_kl_autoencoder(arch, scaling_factor=None, shift_factor=None, **overrid
     _, _, scale, shift = FAMILIES.get(family, (None, None, 1.0, 0.0))
     scale = scaling_factor if scaling_factor is not None else scale
     shift = shift_factor if shift_factor is not None else shift
-    ae = set_latent_space(KLAutoencoder(layout, layout), family, scale, shift)
+    ae = set_latent_space(KLAutoencoder(layout, layout, config.get("batch_norm", False)), family, scale, shift)
     return ae.requires_grad_(False).eval()
 
 
@@ -667,6 +588,9 @@ LDM_RENAMES = [  # (pattern, replacement), applied in order; the decoder's up le
     (r"^decoder\.up\.(\d+)\.upsample\.", r"decoder.up_blocks.\1.upsamplers.0."),
     (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
     (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"^encoder\.quant_conv\.", "quant_conv."),  # BFL's FLUX.2 keeps the quant convs inside encoder and decoder
+    (r"^decoder\.post_quant_conv\.", "post_quant_conv."),
+    (r"^decoder\.encoder\.", "decoder.condition_encoder."),  # Zhu et al.'s Conditionencoder (diffusers' name)
 ]
 OLD_DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -798,7 +722,7 @@ def build_from_tensors(tensors, kind, paths, key_format):
         decoder = read_kl_layout(tensors, "decoder", paths, key_format) if "decoder" in sides else None
         if encoder is None and decoder is None:
             raise ValueError(f"{paths} ({key_format} keys): neither encoder. nor decoder. weights")
-        return KLAutoencoder(encoder, decoder)
+        return KLAutoencoder(encoder, decoder, batch_norm="bn.running_mean" in tensors)
     encoder_pool = any(re.match(r"encoder\.\d+\.pool\.", key) for key in tensors) if "encoder" in sides else None
     decoder_pool = any(re.match(r"decoder\.\d+\.pool\.", key) for key in tensors) if "decoder" in sides else None
     if decoder_pool is not None:
@@ -809,20 +733,67 @@ def build_from_tensors(tensors, kind, paths, key_format):
     return TinyAutoencoder(latent, encoder_pool, decoder_pool)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Weights that encoding and decoding never run: checked like the others, listed, not loaded
+# ----------------------------------------------------------------------------------------------------------
+
+INPAINTING = "mask-conditioned inpainting branch"
+UNUSED_GROUPS = ("decoder.condition_encoder.", "decoder.up_layers.", "bn.num_batches_tracked")
+
+
+def condition_branch_shapes(first, last):
+    """{key: shape} of the inpainting branch of an asymmetric decoder whose up levels are `first` (finest) to `last`
+    wide. Zhu et al.'s decoders (Asymmetric_VQGAN, my_decoder_large*.py) build four transposed convs `up_layers`
+    (called nowhere, not even when inpainting) and, from their widths, a `Conditionencoder` of the masked image:
+    two 3x3 convs, then three 4x4 stride-2 convs. diffusers' MaskConditionEncoder is the same, without up_layers."""
+    ins, outs, width = [], [], first  # width: before clamping to `last`
+    for k in range(4):  # the original's loop over strides 8, 4, 2, 1
+        ins.append(last if k == 3 else 2 * width)
+        outs.append(min(width, last))
+        width = 2 * outs[-1]
+    widths, shapes = [3] + outs + [last], {}
+    for i in range(5):
+        size = 3 if i < 2 else 4
+        shapes[f"decoder.condition_encoder.layers.{i}.weight"] = (widths[i + 1], widths[i], size, size)
+        shapes[f"decoder.condition_encoder.layers.{i}.bias"] = (widths[i + 1],)
+    for k in range(4):  # built coarse first: the stride-8 layer is up_layers.3; ConvTranspose2d weights: (in, out, ...)
+        shapes[f"decoder.up_layers.{3 - k}.deconv.weight"] = (ins[k], outs[k], 4, 4)
+        shapes[f"decoder.up_layers.{3 - k}.deconv.bias"] = (outs[k],)
+    return shapes
+
+
+def unused_weights(ae, keys):
+    """{key: (shape, why)} of the weights that plain encoding and decoding never run, for each group of them that
+    these keys hold part of: the whole group is then expected (an asymmetric decoder's condition encoder; the
+    up_layers of Zhu et al.'s checkpoints; the step counter diffusers saves with FLUX.2's `bn`)."""
+    candidates = {}
+    if ae.kind == "kl" and ae.decoder is not None:
+        shapes = condition_branch_shapes(ae.decoder_layout.block_channels[0], ae.decoder_layout.block_channels[-1])
+        candidates.update({key: (shape, INPAINTING) for key, shape in shapes.items()})
+    if ae.kind == "kl" and ae.bn is not None:
+        candidates["bn.num_batches_tracked"] = ((), "BatchNorm step counter")
+    present = tuple(group for group in UNUSED_GROUPS if any(key.startswith(group) for key in keys))
+    return {key: value for key, value in candidates.items() if present and key.startswith(present)}
+
+
 def load_strict(ae, tensors, origins, paths, key_format):
-    """load_state_dict(strict=True), with an error that lists what is missing, unexpected or mis-shaped."""
-    expected = ae.state_dict()
+    """load_state_dict(strict=True), with an error that lists what is missing, unexpected or mis-shaped. The weights
+    of unused_weights are checked the same way, then left out. Returns {file:key: why} of those left out."""
+    unused = unused_weights(ae, tensors)
+    expected = {key: tuple(tensor.shape) for key, tensor in ae.state_dict().items()}
+    expected.update({key: shape for key, (shape, _) in unused.items()})
     missing = [key for key in expected if key not in tensors]
     unexpected = [origins[key] for key in tensors if key not in expected]
-    misshaped = [f"{origins[key]} {list(tensors[key].shape)} vs {list(expected[key].shape)}"
-                 for key in tensors if key in expected and tensors[key].shape != expected[key].shape]
+    misshaped = [f"{origins[key]} {list(tensors[key].shape)} vs {list(expected[key])}"
+                 for key in tensors if key in expected and tuple(tensors[key].shape) != expected[key]]
     if missing or unexpected or misshaped:
         problems = [f"{len(items)} {what}: {items[:10]}{' ...' if len(items) > 10 else ''}"
                     for what, items in (("missing (our names)", missing), ("unexpected", unexpected),
                                         ("mis-shaped (file vs expected)", misshaped)) if items]
         raise ValueError(f"{', '.join(map(str, paths))} ({key_format} keys, {ae.kind} autoencoder "
                          f"{ae.layout_summary()}) does not load strictly:\n  " + "\n  ".join(problems))
-    ae.load_state_dict(tensors, strict=True)
+    ae.load_state_dict({key: tensor for key, tensor in tensors.items() if key not in unused}, strict=True)
+    return {origins[key]: why for key, (_, why) in unused.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -836,7 +807,7 @@ def stored_latent_space(path, metadata, log):
         try:
             stored = {"scaling_factor": float(metadata["scaling_factor"]),
                       "shift_factor": float(metadata.get("shift_factor", 0.0)), "source": f"metadata of {path.name}"}
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: metadata scaling_factor / shift_factor are not numbers: {error}") from error
         if "family" in metadata:
             stored["family"] = metadata["family"]
@@ -846,15 +817,25 @@ def stored_latent_space(path, metadata, log):
         return {}
     try:
         config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from error
-    if not isinstance(config, dict) or config.get("_class_name") not in ("AutoencoderKL", "AutoencoderTiny") \
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path}: not a readable JSON file ({error})") from error
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name == "AutoencoderKLFlux2":  # no scaling_factor: the bn statistics normalise FLUX.2's latents
+        eps, patch = config.get("batch_norm_eps", FLUX2_BATCH_NORM_EPS), config.get("patch_size", [2, 2])
+        if eps != FLUX2_BATCH_NORM_EPS or list(patch) != [2, 2]:
+            raise ValueError(f"{config_path}: batch_norm_eps {eps}, patch_size {patch}; expected FLUX.2's "
+                             f"{FLUX2_BATCH_NORM_EPS} and [2, 2], the only ones this loader implements")
+        return {"family": "flux2", "scaling_factor": 1.0, "shift_factor": 0.0, "source": str(config_path)}
+    if name not in ("AutoencoderKL", "AsymmetricAutoencoderKL", "AutoencoderTiny") \
             or config.get("scaling_factor") is None:
-        log(f"ignoring {config_path}: not a diffusers AutoencoderKL/AutoencoderTiny config with a scaling_factor")
+        log(f"ignoring {config_path}: not a diffusers AutoencoderKL/AsymmetricAutoencoderKL/AutoencoderTiny config "
+            "with a scaling_factor")
         return {}
-    # diffusers: a null or absent shift_factor means no shift
-    return {"scaling_factor": float(config["scaling_factor"]), "shift_factor": float(config.get("shift_factor") or 0.0),
-            "source": str(config_path)}
+    try:  # diffusers: a null or absent shift_factor means no shift
+        return {"scaling_factor": float(config["scaling_factor"]),
+                "shift_factor": float(config.get("shift_factor") or 0.0), "source": str(config_path)}
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: scaling_factor / shift_factor are not numbers ({error})") from error
 
 
 def resolve_latent_space(ae, family, scaling_factor, shift_factor, stored, hint):
@@ -862,24 +843,28 @@ def resolve_latent_space(ae, family, scaling_factor, shift_factor, stored, hint)
     checkpoint, then the family its full checkpoint points to, then the default for its latent width.
     Returns (family, scale, shift, a line saying where each came from)."""
     kind, channels = ae.kind, ae.latent_channels
-    known = [name for name, (k, c, _, _) in FAMILIES.items() if (k, c) == (kind, channels)]
+    has_bn = getattr(ae, "bn", None) is not None  # FLUX.2's latent statistics: its family needs them, no other has them
+    known = [name for name, (k, c, _, _) in FAMILIES.items()
+             if (k, c) == (kind, channels) and (name == "flux2") == has_bn]
     if family is not None and family not in known:
-        raise ValueError(f"family={family!r} does not fit a {kind} autoencoder with {channels} latent channels; "
+        needs = " (flux2 needs bn.running_mean / bn.running_var)" if family == "flux2" and not has_bn else ""
+        raise ValueError(f"family={family!r} does not fit a {kind} autoencoder with {channels} latent channels{needs}; "
                          f"expected one of {known or ['(none: pass scaling_factor= and shift_factor=)']}")
     if family is not None:
         name, why = family, "family= argument"
     elif stored.get("family") in known + ["custom"]:
         name, why = stored["family"], stored["source"]
     elif stored:
-        name = family_for(kind, channels, stored["scaling_factor"], stored["shift_factor"]) or "custom"
+        name = family_for(known, stored["scaling_factor"], stored["shift_factor"]) or "custom"
         why = f"constants in {stored['source']}"
     elif hint in known:
         name, why = hint, "the rest of the full checkpoint"
-    elif (kind, channels) in DEFAULT_FAMILY:
+    elif DEFAULT_FAMILY.get((kind, channels)) in known:
         name = DEFAULT_FAMILY[kind, channels]
         why = f"default for {channels}-channel {kind} autoencoders; choose with family= / --vae-family among {known}"
     else:
-        name, why = "custom", f"no known family has {channels} latent channels: pass scaling_factor= / --scaling-factor"
+        name = "custom"
+        why = f"no known family fits these {channels} latent channels: pass scaling_factor= / --scaling-factor"
     family_scale, family_shift = FAMILIES[name][2:] if name in FAMILIES else (1.0, 0.0)
     scale, scale_from = next((value, source) for value, source in (
         (scaling_factor, "scaling_factor= argument"),
@@ -920,7 +905,10 @@ def load_autoencoder(path, device=None, dtype=None, scaling_factor=None, shift_f
     """Loads an autoencoder from .safetensors / .ckpt / .pt / .pth (or a diffusers folder); format and sizes come
     from the keys and shapes. `path` may also be a list of files (an encoder and a decoder file); given one tiny
     *_encoder.pth or *_decoder.pth, its sibling is loaded too if present. Strict: any missing or unexpected key is
-    an error. Weights are frozen, the module is in eval mode, in `dtype` (default float32) on `device`."""
+    an error; the weights that plain encoding and decoding never run (an asymmetric decoder's inpainting branch)
+    are checked, listed in the log and ae.unused, and not loaded. Weights are frozen, the module is in eval mode, in
+    `dtype` (default float32) on `device`. A missing file raises FileNotFoundError; an unreadable, truncated or
+    corrupt one, or one holding no autoencoder this loader knows, a ValueError naming it."""
     log = (lambda message: print(f"autoencoder: {message}", flush=True)) if verbose else (lambda message: None)
     paths = [checkpoint_files(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     merged, origins, formats, stored, hints = {}, {}, set(), [], set()
@@ -953,7 +941,9 @@ def load_autoencoder(path, device=None, dtype=None, scaling_factor=None, shift_f
         raise ValueError(f"{paths} mix tiny and KL autoencoder weights ({sorted(formats)})")
     key_format = "+".join(sorted(formats))
     ae = build_from_tensors(merged, kinds.pop(), paths, key_format)
-    load_strict(ae, merged, origins, paths, key_format)
+    ae.unused = load_strict(ae, merged, origins, paths, key_format)
+    for why in dict.fromkeys(ae.unused.values()):
+        log(f"not used ({why}): {', '.join(key for key, reason in ae.unused.items() if reason == why)}")
     stored = [s for s in stored if s]
     if len({(s["scaling_factor"], s["shift_factor"]) for s in stored}) > 1:
         raise ValueError(f"{paths} store different latent scales: {stored}")
@@ -971,313 +961,10 @@ def load_autoencoder(path, device=None, dtype=None, scaling_factor=None, shift_f
     return ae
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
-
-
-def center_crop_arr(image, resolution):
-    """ADM's center crop (guided-diffusion): halve with a box filter while the short side is >= 2x the target,
-    resize bicubically so the short side is `resolution`, then crop the center. PIL image -> (R, R, 3) uint8."""
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-    array = np.asarray(image.convert("RGB"))
-    top, left = (array.shape[0] - resolution) // 2, (array.shape[1] - resolution) // 2
-    return array[top: top + resolution, left: left + resolution]
-
-
-def to_model_images(arrays):
-    """(B, H, W, 3) or (B, 3, H, W) uint8 tensor -> float images in [-1, 1], (B, 3, H, W)."""
-    return arrays.float() / 127.5 - 1
-
-
-def psnr(images, reference):
-    """PSNR in dB of images in [-1, 1] against a reference (peak = the full [-1, 1] range), over the whole batch."""
-    mse = ((images.float().clamp(-1, 1) - reference.float()) / 2).square().mean()
-    return (10 * torch.log10(1 / mse)).item()
-
-
-def list_images(folder):
-    """Images directly in `folder` (no labels), or in class sub-folders (labels: index of the sorted folder name).
-    Returns (files, labels or None, class names or None, number of non-image files ignored)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--images {folder}: no such folder")
-    entries = sorted(e for e in folder.iterdir() if not e.name.startswith((".", "_")))
-    subfolders = [e for e in entries if e.is_dir()]
-    top_files = [e for e in entries if e.is_file()]
-    if subfolders and any(f.suffix.lower() in IMAGE_SUFFIXES for f in top_files):
-        raise ValueError(f"--images {folder}: holds both images and sub-folders; expected either class sub-folders "
-                         "(labels from their sorted names) or images directly in it (no labels)")
-    if not subfolders:
-        files = [f for f in top_files if f.suffix.lower() in IMAGE_SUFFIXES]
-        labels, class_names, others = None, None, len(top_files) - len(files)
-    else:
-        files, labels, others = [], [], 0
-        class_names = [d.name for d in subfolders]
-        for label, class_folder in enumerate(subfolders):
-            found = sorted(p for p in class_folder.rglob("*") if p.is_file())
-            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-            files += images
-            labels += [label] * len(images)
-            others += len(found) - len(images)
-    if not files:
-        raise ValueError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files, labels, class_names, others
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(index, (3, R, R) uint8 tensor or None, error or None): an unreadable image is reported, not raised."""
-
-    def __init__(self, files, resolution):
-        self.files, self.resolution = files, resolution
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        try:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on broken files: each is that image's
-            with Image.open(self.files[index]) as image:
-                array = center_crop_arr(image.convert("RGB"), self.resolution)
-            return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
-        except Exception as error:
-            return index, None, f"{type(error).__name__}: {error}"
-
-
-def keep_as_list(batch):
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------------
-# encode: an image folder -> latents.npy (+ latents_flip.npy, labels.npy) + meta.json
-# ----------------------------------------------------------------------------------------------------------
-
-def write_json(path, value):
-    with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=1) + "\n")
-
-
-def write_npy(path, array):
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        np.save(file, array)
-
-
-def encode_share(args, ae, files, share, part, device, show_progress):
-    """Encodes files[share] into part/latents.npy (and latents_flip.npy), resuming from part/progress.json when
-    it was written by the same settings. Rows of unreadable images stay zero and are listed as skipped."""
-    shape = (len(share), ae.latent_channels, args.resolution // ae.downsample, args.resolution // ae.downsample)
-    key = hashlib.sha1(json.dumps([ae.describe(), [str(files[i]) for i in share], args.resolution, args.flip],
-                                  ).encode()).hexdigest()
-    names = ["latents.npy"] + (["latents_flip.npy"] if args.flip else [])
-    progress_path = part / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-    if progress.get("key") == key:
-        arrays = [np.load(part / name, mmap_mode="r+") for name in names]
-        print(f"encode: resuming {part} at {progress['done']}/{len(share)}", flush=True)
-    else:
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        arrays = [np.lib.format.open_memmap(part / name, mode="w+", dtype=np.float16, shape=shape) for name in names]
-        progress = {"key": key, "done": 0, "skipped": []}
-    dataset = torch.utils.data.Subset(ImageFiles([files[i] for i in share], args.resolution),
-                                      range(progress["done"], len(share)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=keep_as_list)
-    bar = tqdm(total=len(share), initial=progress["done"], unit="img", disable=not show_progress)
-    for batch in loader:
-        for index, _, error in batch:
-            if error is not None:
-                print(f"encode: skipped unreadable {files[share[index]]}: {error}", flush=True)
-                progress["skipped"].append([index, str(files[share[index]]), error])
-        good = [(index, image) for index, image, _ in batch if image is not None]
-        if good:
-            images = to_model_images(torch.stack([image for _, image in good]).to(device))
-            if args.flip:
-                images = torch.cat([images, images.flip(-1)])  # (2B, 3, R, R): flipped copies encoded alongside
-            with torch.no_grad():
-                latents = ae.encode(images).float().cpu().numpy().astype(np.float16)
-            rows = [index for index, _ in good]
-            for array, chunk in zip(arrays, np.split(latents, len(arrays))):
-                array[rows] = chunk
-        for array in arrays:
-            array.flush()  # progress.json never claims rows that are not on disk
-        progress["done"] = batch[-1][0] + 1
-        write_json(progress_path, progress)
-        bar.update(len(batch))
-    bar.close()
-
-
-def merge_shares(out, parts, names, files, shares, labels):
-    """Rank 0: the valid rows of every share, in file order, into out/latents.npy etc. Returns the kept indices."""
-    progresses = [json.loads((part / "progress.json").read_text()) for part in parts]
-    for part, share, progress in zip(parts, shares, progresses):
-        if progress["done"] != len(share):
-            raise RuntimeError(f"{part} stopped at {progress['done']}/{len(share)}: rerun to resume")
-    masks = []
-    for share, progress in zip(shares, progresses):
-        mask = np.ones(len(share), dtype=bool)
-        mask[[index for index, _, _ in progress["skipped"]]] = False
-        masks.append(mask)
-    kept = [share[i] for share, mask in zip(shares, masks) for i in np.flatnonzero(mask)]
-    if not kept:
-        raise RuntimeError(f"no readable image among {len(files)} files")
-    for name in names:
-        sources = [np.load(part / name, mmap_mode="r") for part in parts]
-        if len(parts) == 1 and masks[0].all():
-            os.replace(parts[0] / name, out / name)  # one complete share: a rename, no copy
-            continue
-        with atomic_output(out / name) as temporary:
-            merged = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16,
-                                               shape=(len(kept),) + sources[0].shape[1:])
-            row = 0
-            for source, mask in zip(sources, masks):
-                for begin in range(0, len(mask), 4096):  # in chunks: a share can be larger than memory
-                    chunk = source[begin: begin + 4096][mask[begin: begin + 4096]]
-                    merged[row: row + len(chunk)] = chunk
-                    row += len(chunk)
-            merged.flush()
-            del merged
-    if labels is not None:
-        write_npy(out / "labels.npy", np.asarray([labels[i] for i in kept], dtype=np.int64))
-    skipped = [entry[1] for progress in progresses for entry in progress["skipped"]]
-    return kept, skipped
-
-
-def encode_folder(args, rank=0, world_size=1, barrier=lambda: None):
-    """Each rank encodes a contiguous share of the sorted files into out/_partial/rank{r}-of-{w}/; after the
-    barrier rank 0 merges them. meta.json is written last and marks a complete dataset: it is removed when a run
-    starts, latents.npy only ever appears complete (rename), and a killed run resumes from its partial files."""
-    out = Path(args.out)
-    files, labels, class_names, others = list_images(args.images)
-    device = torch.device(args.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    ae = load_autoencoder(args.vae, device=device,
-                          scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
-                          family=args.vae_family, verbose=rank == 0)
-    if args.resolution % ae.downsample:
-        raise ValueError(f"--resolution {args.resolution} is not a multiple of the autoencoder's {ae.downsample}x "
-                         "downsampling")
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "meta.json").unlink(missing_ok=True)
-    shares = [range(r * len(files) // world_size, (r + 1) * len(files) // world_size) for r in range(world_size)]
-    parts = [out / "_partial" / f"rank{r}-of-{world_size}" for r in range(world_size)]
-    encode_share(args, ae, files, shares[rank], parts[rank], device, show_progress=rank == 0)
-    barrier()
-    if rank != 0:
-        return
-    names = ["latents.npy"] + (["latents_flip.npy"] if args.flip else [])
-    kept, skipped = merge_shares(out, parts, names, files, shares, labels)
-    produced = set(names) | ({"labels.npy"} if labels is not None else set())
-    for stale in {"latents_flip.npy", "labels.npy"} - produced:
-        (out / stale).unlink(missing_ok=True)  # left by an earlier run with other flags
-    meta = {
-        "autoencoder": str(Path(ae.files[0]).resolve()),
-        "autoencoder_files": [str(Path(f).resolve()) for f in ae.files],
-        "autoencoder_describe": ae.describe(),
-        "family": ae.family, "scaling": ae.scaling_factor, "shift": ae.shift_factor,
-        "resolution": args.resolution, "crop": "ADM center crop",
-        "count": len(kept), "latent_shape": [ae.latent_channels, *[args.resolution // ae.downsample] * 2],
-        "dtype": "float16", "latents": "latents.npy",
-        "flip_latents": "latents_flip.npy" if args.flip else None,  # row i: image i flipped left-right
-        "labels": "labels.npy" if labels is not None else None,
-        "class_names": class_names, "num_classes": len(class_names) if class_names else None,
-        "images": str(Path(args.images).resolve()), "skipped": len(skipped),
-    }
-    write_json(out / "meta.json", meta)
-    shutil.rmtree(out / "_partial", ignore_errors=True)
-    print(f"encode: wrote {len(kept)} latents {meta['latent_shape']} to {out} "
-          f"({len(class_names) if class_names else 'no'} classes, {len(skipped)} unreadable images skipped"
-          f"{': ' + ', '.join(skipped[:10]) if skipped else ''}{' ...' if len(skipped) > 10 else ''}; "
-          f"{others} non-image files ignored)", flush=True)
-
-
-def run_encode(args):
-    """Single process, or one process per GPU under torchrun (RANK set): one node, since every rank writes its
-    share into the same --out folder that rank 0 then reads."""
-    if "RANK" not in os.environ:
-        return encode_folder(args)
-    import torch.distributed as dist
-    # gloo: only a barrier is needed, and it must wait for the slowest rank's whole share
-    dist.init_process_group("gloo", timeout=timedelta(hours=12))
-    try:
-        encode_folder(args, dist.get_rank(), dist.get_world_size(), barrier=dist.barrier)
-    finally:
-        dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# roundtrip: one image through the encoder and decoder
-# ----------------------------------------------------------------------------------------------------------
-
-def run_roundtrip(args):
-    ae = load_autoencoder(args.vae, device=args.device,
-                          scaling_factor=args.scaling_factor, shift_factor=args.shift_factor, family=args.vae_family)
-    with Image.open(args.image) as image:
-        image = image.convert("RGB")
-        if args.resolution:
-            if args.resolution % ae.downsample:
-                raise ValueError(f"--resolution {args.resolution} is not a multiple of {ae.downsample}")
-            array = center_crop_arr(image, args.resolution)
-        else:  # the largest centered crop whose sides are multiples of the downsampling
-            array = np.asarray(image)
-            height, width = (side - side % ae.downsample for side in array.shape[:2])
-            top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
-            array = array[top: top + height, left: left + width]
-    images = to_model_images(torch.from_numpy(array.copy()).permute(2, 0, 1)[None]).to(args.device)
-    with torch.no_grad():
-        decoded = ae.decode(ae.encode(images))
-    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
-    out = Path(args.out)
-    with atomic_output(out) as temporary:
-        Image.fromarray(pixels).save(temporary, format="PNG")
-    value = psnr(to_model_images(torch.from_numpy(pixels)), to_model_images(torch.from_numpy(array.copy())))
-    print(f"roundtrip: PSNR {value:.2f} dB for {args.image} at {array.shape[1]}x{array.shape[0]}; wrote {out}")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Autoencoder tools for lpl: encode an image folder to flat files, "
-                                                 "or round-trip one image.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    vae = argparse.ArgumentParser(add_help=False)
-    vae.add_argument("--vae", type=Path, nargs="+", required=True,
-                     help="checkpoint(s): .safetensors/.ckpt/.pt/.pth or a diffusers folder; a tiny *_encoder.pth "
-                          "picks up its *_decoder.pth sibling")
-    vae.add_argument("--vae-family", choices=list(FAMILIES), default=None,
-                     help="latent space; default: stored with the checkpoint, else sd (4 channels), sd3 (16), "
-                          "taesd/taef1/taef2 (tiny)")
-    vae.add_argument("--scaling-factor", type=float, default=None, help="overrides the family's / stored scale")
-    vae.add_argument("--shift-factor", type=float, default=None, help="overrides the family's / stored shift")
-    vae.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    encode = commands.add_parser("encode", parents=[vae], help="image folder -> latents.npy, labels.npy, meta.json")
-    encode.add_argument("--images", type=Path, required=True, help="images, or class sub-folders of images")
-    encode.add_argument("--out", type=Path, required=True, help="dataset folder to write")
-    encode.add_argument("--resolution", type=int, default=256, help="ADM center crop to this square size")
-    encode.add_argument("--flip", action="store_true", help="also write latents_flip.npy (left-right flipped images)")
-    encode.add_argument("--batch-size", type=int, default=32)
-    encode.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
-    roundtrip = commands.add_parser("roundtrip", parents=[vae], help="encode + decode one image, print the PSNR")
-    roundtrip.add_argument("--image", type=Path, required=True)
-    roundtrip.add_argument("--out", type=Path, required=True, help="decoded PNG to write")
-    roundtrip.add_argument("--resolution", type=int, default=None,
-                           help="ADM center crop to this size (default: the image, cropped to multiples of 8)")
-    args = parser.parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0:
-        parser.error("--batch-size must be >= 1 and --workers >= 0")
-    try:
-        return run_encode(args) if args.command == "encode" else run_roundtrip(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"autoencoder.py {args.command}: error: {error}") from error
+    """`python autoencoder.py encode|roundtrip ...`: the command lines live in data.py; this spelling keeps working."""
+    from data import main as data_main
+    return data_main(argv)
 
 
 if __name__ == "__main__":
