@@ -33,10 +33,12 @@ the batch size, the number of ranks or the device, up to the floating-point diff
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
-import tempfile
+import signal
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -46,6 +48,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from autoencoder import load_autoencoder
+from data import atomic_output
 from schedules import Diffusion, resolution_shift
 
 SAMPLERS = ("ddim", "euler")
@@ -159,18 +163,23 @@ def guided_prediction(model_fn, x, t, cond, null_cond, cfg_scale):
     return pred_null + cfg_scale * (pred_cond - pred_null)
 
 
-def check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, eta, generator):
-    """Every bad argument of sample() as one clear error, before any network call."""
+def check_sampler(sampler, eta):
+    """The one check of the sampler and eta (sample() and the CLI both call it)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {sampler!r}")
-    if noise.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"noise must be float32 or float64 (the sampler's state), got {noise.dtype}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if eta > 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} is the stochastic DDIM: it needs sampler='ddim', got {sampler!r}")
+
+
+def check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, eta, generator):
+    """Every bad argument of sample() as one clear error, before any network call."""
+    if noise.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"noise must be float32 or float64 (the sampler's state), got {noise.dtype}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_sampler(sampler, eta)
     if generator is not None and eta == 0:
         raise ValueError("a generator is only used by the stochastic sampler (eta > 0); eta is 0")
     if isinstance(generator, (list, tuple)) and len(generator) != len(noise):
@@ -267,16 +276,9 @@ def latents_to_uint8(images):
 
 
 def atomic_write(path, write):
-    """write(file_object) into a temporary file beside `path`, then os.replace: readers never see half a file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """write(file_object) into a temporary file beside `path`, renamed onto it: readers never see half a file."""
+    with atomic_output(path) as temporary, open(temporary, "wb") as f:
+        write(f)
 
 
 def save_grid(images, path, ncols=None):
@@ -352,22 +354,34 @@ def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, condi
 # Checkpoint, labels, distributed gather
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_checkpoint(path, ema):
-    """train.py's checkpoint -> (MMDiT with the "ema" or "model" weights, Diffusion, the checkpoint dict)."""
+def load_checkpoint(path, flag="--ckpt", mmap=False):
+    """A train.py checkpoint as a dict of plain tensors and values (torch.load weights_only, on the CPU first: never
+    piled onto GPU 0). Any unreadable file or missing key is a one-line error naming the flag and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: {flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # torch.load raises many kinds of errors on a truncated or foreign file
+        raise SystemExit(f"error: {flag} {path} is not a readable checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint: it has no {missing}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, ema, path):
+    """(MMDiT with the "ema" or "model" weights, Diffusion) of a train.py checkpoint."""
     from model import MMDiT  # model.py is only needed to run the CLI, not to use sample()
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise ValueError(f"{path}: not a train.py checkpoint, missing keys {missing} "
-                         f"(expected {list(CHECKPOINT_KEYS)})")
     weights = "ema" if ema else "model"
     model = MMDiT(**checkpoint["model_config"])
     try:
         model.load_state_dict(checkpoint[weights])  # strict: its error lists every missing / unexpected key
     except RuntimeError as error:
         raise ValueError(f"{path}: ['{weights}'] does not fit MMDiT(**model_config): {error}") from error
-    return model.eval().requires_grad_(False), Diffusion(**checkpoint["diffusion"]), checkpoint
+    return model.eval().requires_grad_(False), Diffusion(**checkpoint["diffusion"])
 
 
 def class_labels(args, num_classes, parser):
@@ -451,17 +465,27 @@ def parse_args(argv):
         parser.error("--num-samples, --batch-size and --steps must be positive")
     if args.seed < 0:
         parser.error(f"--seed must be non-negative (numpy SeedSequence entropy), got {args.seed}")
-    if not 0.0 <= args.eta <= 1.0:
-        parser.error(f"--eta must be in [0, 1], got {args.eta}")
     if Path(args.out).suffix != ".npz":
         parser.error(f"--out must end in .npz, got {args.out}")
     return parser, args
 
 
+def exit_with_parent():
+    """Under torchrun: this worker gets SIGTERM when its launcher dies (Linux prctl PR_SET_PDEATHSIG), so a killed
+    launcher leaves no orphan behind (torchrun starts its workers in sessions of their own)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the call
+        os._exit(1)
+
+
 def setup_distributed():
-    """(rank, world_size, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU."""
+    """(rank, world_size, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU. A plain
+    `python` run is rank 0 of 1. (train.py uses it too.)"""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    exit_with_parent()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -481,14 +505,14 @@ def main(argv=None):
 
 
 def run(parser, args, rank, world_size, device):
-    from autoencoder import load_autoencoder  # autoencoder.py is only needed to run the CLI
-
-    model, diffusion, checkpoint = load_checkpoint(args.ckpt, args.ema)
+    checkpoint = load_checkpoint(args.ckpt)
+    model, diffusion = model_from_checkpoint(checkpoint, args.ema, args.ckpt)
     model.to(device)
     sampler = args.sampler or ("euler" if diffusion.is_flow else "ddim")
-    if args.eta > 0 and sampler != "ddim":
-        parser.error(f"--eta {args.eta} is the stochastic DDIM: it needs --sampler ddim "
-                     f"(this model defaults to {sampler})")
+    try:
+        check_sampler(sampler, args.eta)
+    except ValueError as error:
+        parser.error(f"--sampler {sampler} (default: ddim for eps/v, euler for flow), --eta {args.eta}: {error}")
     vae = args.vae or checkpoint["args"].get("vae")
     if not vae:
         parser.error(f"no --vae given and {args.ckpt} has no args['vae'] to default to")
@@ -496,19 +520,22 @@ def run(parser, args, rank, world_size, device):
     precision = torch.bfloat16 if dtype == "bf16" else torch.float32  # never fp16: its range overflows in decoders
     # Decode with the latent scaling the training data was encoded with (train.py stores it from meta.json).
     scaling = checkpoint.get("latent_scaling") or {}
-    autoencoder = load_autoencoder(vae, device=device, dtype=precision, scaling_factor=scaling.get("scaling_factor"),
-                                   shift_factor=scaling.get("shift_factor"))  # frozen, in eval mode
+    try:
+        autoencoder = load_autoencoder(vae, device=device, dtype=precision, shift_factor=scaling.get("shift_factor"),
+                                       scaling_factor=scaling.get("scaling_factor"))  # frozen, in eval mode
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: --vae {vae}: {error}") from None
 
     config = checkpoint["model_config"]
     if autoencoder.latent_channels != config["in_channels"]:
-        raise ValueError(f"--vae {vae} has {autoencoder.latent_channels} latent channels, {args.ckpt} expects "
-                         f"in_channels={config['in_channels']}")
+        parser.error(f"--vae {vae} has {autoencoder.latent_channels} latent channels, {args.ckpt} expects "
+                     f"in_channels={config['in_channels']}")
     latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
     resolution = config["input_size"] * autoencoder.downsample
     trained_at = checkpoint.get("resolution")
     if trained_at is not None and trained_at != resolution:
-        raise ValueError(f"--vae {vae} decodes {latent_shape} latents to {resolution} px, but {args.ckpt} was trained "
-                         f"at {trained_at} px (checkpoint['resolution'])")
+        parser.error(f"--vae {vae} decodes {latent_shape} latents to {resolution} px, but {args.ckpt} was trained "
+                     f"at {trained_at} px (checkpoint['resolution'])")
 
     # the condition of every sample, and what goes into the npz's labels
     model_fn = mmdit_model_fn(model)

@@ -162,6 +162,22 @@ class Diffusion:
         alpha, sigma = self.alpha_sigma(t)
         return torch.where(alpha > 0, sigma / alpha.clamp(min=torch.finfo(alpha.dtype).tiny), math.inf)
 
+    def t_from_sigma_ratio(self, ratio):
+        """The inverse of sigma_ratio: the t in [0, 1] at which sigma_t / alpha_t = ratio (float64 tensor). Validation
+        uses it to evaluate at fixed noise levels. Flow: t / (1 - t) = ratio. DDPM: alpha^2 = 1 / (1 + ratio^2),
+        found in the table that alpha_sigma interpolates linearly."""
+        ratio = torch.as_tensor(ratio, dtype=torch.float64)
+        if self.is_flow:
+            return ratio / (1.0 + ratio)
+        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # decreasing in t
+        abar = 1.0 / (1.0 + ratio ** 2)
+        if (abar < table[-1]).any():
+            largest = ((1 - table[-1]) / table[-1]).sqrt().item()
+            raise ValueError(f"sigma/alpha {ratio.max().item():g} is beyond this schedule's t = 1 ({largest:.3g})")
+        k = torch.searchsorted(-table, -abar).clamp(1, self.num_steps)  # table[k] <= abar <= table[k - 1]
+        fraction = (table[k - 1] - abar) / (table[k - 1] - table[k])
+        return (k - 1 + fraction) / self.num_steps
+
     # -- training-time t ----------------------------------------------------------------------------------------
 
     def sample_t(self, n, device=None, generator=None):

@@ -1,417 +1,221 @@
 """Train an MMDiT on flat-file latents, with or without the Latent Perceptual Loss.
 
-    python train.py --lpl                         # self-contained CPU demo: a smoke run of the pipeline, not a result
-    python train.py --data DATA --out runs/pre --model XL/2 --steps 600000            # phase 1, no LPL
-    torchrun --nproc_per_node=8 train.py --data DATA --out runs/post --model XL/2 \\
-        --init-from runs/pre/checkpoints/last.pt --lpl --vae sdxl_vae.safetensors --steps 200000   # phase 2
-    torchrun --nproc_per_node=8 train.py ... --resume runs/post/checkpoints/last.pt   # continue bit-exactly
+    python train.py --lpl                 # the demo: real photos through the real taef2 decoder (assets/), 2 CPU cores
+    python train.py --data DATA --out runs/pre --model XL/2 --steps 600000                        # phase 1, no LPL
+    torchrun --nproc_per_node=8 train.py --data DATA --out runs/post --model XL/2 --steps 200000 \\
+        --init-from runs/pre/checkpoints/last.pt --lpl --vae sdxl_vae.safetensors      # phase 2 (Sec. 4.1, Table 4)
+    torchrun --nproc_per_node=8 train.py ... --resume last           # continue a killed run bit-exactly (same flags)
 
-DATA is the flat-file dataset of DESIGN.md (`python autoencoder.py encode ...` writes one): latents.npy (N, C, h, w)
-float16 with labels.npy (N,) or context.npy (N, L, D), and meta.json; or a folder of such shards.
+DATA is a flat-file dataset (data.py holds its specification; `python data.py encode` writes one).
 
-Per step: z_t = alpha_t z0 + sigma_t eps (schedules.py); L_diff = ||D(z_t, t) - target||^2; with --lpl,
-L_tot = L_diff + w_LPL * L_LPL(z0_hat, z0) where z0_hat = x0_from_pred(z_t, D, t) (Table 1, Eq. 3; lpl.py).
-The paper's recipe (Sec. 4.1, Table 4): pre-train without LPL, then post-train with it (--init-from, or --lpl-start).
+One optimiser step, for each micro-batch (Sec. 3.2; Table 1; Eq. 3):
+    z_t = alpha_t z0 + sigma_t eps,  L_diff = ||D(z_t, t) - target||^2,  z0_hat = x0_from_pred(z_t, D, t)
+    L_tot = L_diff + w_LPL * L_LPL(z0_hat, z0)                               (with --lpl, from --lpl-start on)
+then gradient clipping, AdamW, and the EMA (float32).
 
-Writes OUT/checkpoints/step-NNNNNNN.pt and OUT/checkpoints/last.pt (atomically), OUT/log.jsonl, and sample grids
-from the EMA model in OUT/samples/ when a decoder is available (--vae).
+Writes OUT/log.jsonl (one JSON line per log period: `loss` is always L_tot; with --val-data also one line per
+evaluation and weight set, with "eval": "ema" | "raw"), OUT/checkpoints/step-NNNNNNN.pt and last.pt (atomically), and
+sample grids from the EMA in OUT/samples/ when there is a decoder. OUT is locked while the run is alive.
 """
 
 import argparse
 import contextlib
 import copy
+import fcntl
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from autoencoder import atomic_output, build_kl_autoencoder, load_autoencoder, save_autoencoder, set_latent_space
+import data
+from data import atomic_output, fail
+from autoencoder import load_autoencoder
+from fid import upper_octave_log_ratio
 from lpl import NORMS, LatentPerceptualLoss
 from model import MODELS, build_model
-from sample import default_cfg_scale, latents_to_uint8, mmdit_model_fn, sample, save_grid
+from sample import (default_cfg_scale, latents_to_uint8, load_checkpoint, mmdit_model_fn, null_condition, sample,
+                    save_grid, setup_distributed)
 from schedules import OBJECTIVES, Diffusion
 
 CFG_DROPOUT = 0.1  # fraction of labels / contexts replaced by the null condition (classifier-free guidance)
+EMA_WARMUP = 10  # a fresh run's EMA decay at step k is min(decay, (1 + k) / (EMA_WARMUP + k)): short runs get one
+VAL_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 12.0)  # sigma/alpha of the validation grid; tau is 4 at 256 px
+RESUME_MUST_MATCH = ("model", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
+                     "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_depth_weights", "lpl_start",
+                     "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift")
+DEMO = dict(model="demo", steps=600, global_batch_size=32, lr=1e-3, lpl_start=300, ckpt_every=300, log_every=20,
+            eval_every=300, val_samples=64)  # python train.py [--lpl]: ~3 minutes on 2 CPU cores
+REAL = dict(model="XL/2", steps=400_000, global_batch_size=256, lr=1e-4, lpl_start=0, ckpt_every=50_000,
+            log_every=100, eval_every=None, val_samples=256)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments: the defaults are the paper's settings
 # ----------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="flat-file dataset folder (or a folder of shards); absent: the built-in demo")
-    p.add_argument("--out", default=None, help="run folder (default runs/demo for the demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 400000; demo 300)")
-    p.add_argument("--model", choices=list(MODELS), default=None, help="MMDiT size (default XL/2; demo 'demo')")
-    p.add_argument("--objective", choices=OBJECTIVES, default="eps", help="DDPM-eps, DDPM-v or Flow-OT (Table 1)")
-    p.add_argument("--flow-shift", type=float, default=None,
-                   help="flow: resolution shift s of the training times (default resolution / 256, SD3)")
-    p.add_argument("--global-batch-size", type=int, default=None, help="over all ranks (default 256; demo 32)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    demo, real = "demo", "real run"  # defaults that differ between the two are in DEMO and REAL
+    p.add_argument("--data", help="flat-file dataset (data.py); absent: the demo on the bundled photos")
+    p.add_argument("--out", help="run folder (demo: runs/demo)")
+    p.add_argument("--model", choices=list(MODELS), help=f"MMDiT size ({real} XL/2, {demo} demo)")
+    p.add_argument("--steps", type=int, help=f"optimiser steps ({real} 400000, {demo} 600)")
+    p.add_argument("--global-batch-size", type=int, help=f"over all ranks ({real} 256, {demo} 32)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (DiT)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({real} 1e-4 as DiT, {demo} 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="autocast (default bf16 on GPU)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="eps", help="DDPM-eps, DDPM-v or Flow-OT (Table 1)")
+    p.add_argument("--flow-shift", type=float, help="flow: shift s of the training times (default resolution/256)")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation, data order, times, noise")
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the MMDiT (default bf16 on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the MMDiT blocks")
-    # LPL (Sec. 3.2, 4.1, 4.3)
-    p.add_argument("--lpl", action="store_true", help="add the latent perceptual loss")
-    p.add_argument("--vae", help="autoencoder checkpoint: LPL's decoder and the sample grids")
-    p.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
-                   help="dtype of the decoder used by LPL (default bf16 on GPU; never fp16: SDXL's VAE overflows)")
-    p.add_argument("--lpl-weight", type=float, default=3.0, help="w_LPL (Fig. 9: best near 3)")
-    p.add_argument("--lpl-threshold", type=float, default=4.0,
+    g = p.add_argument_group("LPL (Sec. 3.2, 4.1, 4.3)")
+    g.add_argument("--lpl", action="store_true", help="add the latent perceptual loss")
+    g.add_argument("--vae", help="autoencoder: LPL's decoder, the sample grids, validation (demo: assets/taef2)")
+    g.add_argument("--vae-dtype", choices=("bf16", "fp32"), help="decoder dtype (default bf16 on GPU; never fp16)")
+    g.add_argument("--lpl-weight", type=float, default=3.0, help="w_LPL (Fig. 9: best near 3)")
+    g.add_argument("--lpl-threshold", type=float, default=4.0,
                    help="tau in sigma/alpha units at 256 px, scaled by resolution/256 (Fig. 6: best 3-6)")
-    p.add_argument("--lpl-blocks", type=int, default=None,
-                   help="decoder taps: mid block + up blocks (Fig. 7; default 5, or all a smaller decoder has)")
-    p.add_argument("--lpl-norm", choices=NORMS, default="shared", help="feature normalisation (Sec. 3.2, 4.3)")
-    p.add_argument("--lpl-mask", choices=("prediction", "target", "none"), default="prediction",
+    g.add_argument("--lpl-blocks", type=int, help="decoder taps (Fig. 7; default: 5, or all a smaller decoder has)")
+    g.add_argument("--lpl-norm", choices=NORMS, default="shared", help="feature normalisation (Sec. 3.2, 4.3)")
+    g.add_argument("--lpl-mask", choices=("prediction", "target", "none"), default="prediction",
                    help="features the outlier mask is computed from (Eq. 3: the prediction's)")
-    p.add_argument("--lpl-depth-weights", choices=("resolution", "uniform"), default="resolution")
-    p.add_argument("--lpl-start", type=int, default=0, help="step at which LPL switches on (Table 4)")
-    p.add_argument("--lpl-max-samples", type=int, default=None,
-                   help="per rank: LPL on at most this many gated samples, reweighted (unbiased, cheaper)")
-    p.add_argument("--lpl-checkpointing", action="store_true", help="activation checkpointing of the decoder")
-    p.add_argument("--lpl-channels-last", action="store_true", help="decoder convolutions in NHWC (faster on GPU)")
-    # EMA, checkpoints, logs
-    p.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="EMA decay (Fig. 10: 0.9999 without LPL, 0.99975 with it)")
-    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint period (default 50000; demo 100)")
-    p.add_argument("--log-every", type=int, default=None, help="log period (default 100; demo 10)")
-    p.add_argument("--sample-every", type=int, default=None,
-                   help="sample-grid period (default: --ckpt-every; 0: no grids)")
-    p.add_argument("--resume", help="checkpoint to continue from bit-exactly ('last': OUT/checkpoints/last.pt)")
-    p.add_argument("--init-from", help="checkpoint whose weights (model and EMA) start this run; any resolution")
-    p.add_argument("--demo-images", type=int, default=512, help="demo: size of the synthetic image set")
-    return p.parse_args(argv)
+    g.add_argument("--lpl-depth-weights", choices=("resolution", "uniform"), default="resolution",
+                   help="omega_l = r_1/r_l, or 1 for every layer (ablation)")
+    g.add_argument("--lpl-start", type=int, help=f"step at which LPL switches on (Table 4; {real} 0, {demo} 300)")
+    g.add_argument("--lpl-max-samples", type=int, help="per rank: LPL on at most this many gated samples (unbiased)")
+    g.add_argument("--lpl-checkpointing", action="store_true", help="activation checkpointing of the decoder")
+    g.add_argument("--lpl-compile", action="store_true", help="torch.compile the decoder (dynamic gated batch)")
+    g = p.add_argument_group("EMA, checkpoints, logs, validation")
+    g.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay (Fig. 10: 0.9999 without LPL, 0.99975 with it), warmed up over the first steps")
+    g.add_argument("--ckpt-every", type=int, help=f"checkpoint period ({real} 50000, {demo} 300)")
+    g.add_argument("--log-every", type=int, help=f"log period ({real} 100, {demo} 20)")
+    g.add_argument("--sample-every", type=int, help="sample-grid period (default --ckpt-every; 0: none)")
+    g.add_argument("--resume", help="checkpoint to continue bit-exactly ('last': OUT/checkpoints/last.pt)")
+    g.add_argument("--init-from", help="checkpoint whose weights (model and EMA) start a new run; any resolution")
+    g.add_argument("--val-data", help="flat-file validation set (demo: the held-out photos)")
+    g.add_argument("--eval-every", type=int, help="validation period (default --ckpt-every; demo 300)")
+    g.add_argument("--val-samples", type=int, help=f"validation rows used, the first ones ({real} 256, {demo} 64)")
+    g.add_argument("--val-draws", type=int, default=1, help="noise draws per validation row and level")
+    return p
 
 
-def fill_defaults(args):
-    """Defaults that depend on whether this is the CPU demo or a real run."""
-    demo = args.data is None
-    real = dict(out=None, steps=400_000, model="XL/2", global_batch_size=256, ckpt_every=50_000, log_every=100)
-    small = dict(out="runs/demo", steps=300, model="demo", global_batch_size=32, ckpt_every=100, log_every=10)
-    for name, value in (small if demo else real).items():
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def check_args(args):
+    """Defaults that depend on demo vs real run, then every flag check that needs no file read."""
+    demo, defaults = args.data is None, vars(parse_args([]))
+    lpl_flags = [f"--{k.replace('_', '-')}" for k in defaults if k.startswith("lpl_") and getattr(args, k) != defaults[k]]
+    if not args.lpl and lpl_flags:
+        fail(f"{', '.join(lpl_flags)} given without --lpl: they would do nothing")
+    for name, value in (DEMO if demo else REAL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if demo:
+        args.out = args.out or "runs/demo"
+        args.vae = args.vae or str(data.DEMO_VAE)
     if args.out is None:
-        raise SystemExit("train.py: --out DIR is required with --data (checkpoints go to DIR/checkpoints)")
-    if args.sample_every is None:
-        args.sample_every = args.ckpt_every
-    for flag in ("steps", "global_batch_size", "grad_accum", "ckpt_every", "log_every", "demo_images"):
+        fail("--out DIR is required with --data (checkpoints go to DIR/checkpoints)")
+    args.sample_every = args.ckpt_every if args.sample_every is None else args.sample_every
+    args.eval_every = args.eval_every or args.ckpt_every
+    for flag in ("steps", "global_batch_size", "grad_accum", "ckpt_every", "log_every", "eval_every", "val_samples",
+                 "val_draws"):
         if getattr(args, flag) < 1:
-            raise SystemExit(f"train.py: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.sample_every < 0:
-        raise SystemExit(f"train.py: --sample-every must be 0 (no grids) or a period, got {args.sample_every}")
-    if args.lpl and args.vae is None and not demo:
-        raise SystemExit("train.py: --lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
-    if not args.lpl:
-        defaults = vars(parse_args([]))
-        given = [f"--{k.replace('_', '-')}" for k in defaults if k.startswith("lpl_") and getattr(args, k) != defaults[k]]
-        if given:
-            raise SystemExit(f"train.py: {', '.join(given)} given without --lpl: they would do nothing")
+            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.sample_every < 0 or args.lpl_start < 0:
+        fail("--sample-every and --lpl-start must be >= 0")
+    if args.lpl and args.vae is None:
+        fail("--lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
+    if args.resume and args.init_from:
+        fail("--resume and --init-from exclude each other (resume continues a run; init-from starts a new one)")
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed set-up: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is one rank
-# ----------------------------------------------------------------------------------------------------------------
-
-def setup_distributed():
-    if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        return rank, world, torch.device("cuda", local_rank)
-    return rank, world, torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Flat-file data (DESIGN.md): memory-mapped shards, a per-epoch permutation shared by all ranks
-# ----------------------------------------------------------------------------------------------------------------
-
-class LatentDataset:
-    """One or several shards, each a folder with latents.npy (+ latents_flip.npy), labels.npy or context.npy,
-    meta.json. With flipped copies the index space is doubled: index i >= N is sample i - N, flipped."""
-
-    def __init__(self, root):
-        root = Path(root)
-        if not root.is_dir():
-            raise SystemExit(f"train.py: --data {root}: no such folder")
-        shards = [root] if (root / "latents.npy").exists() else sorted(p.parent for p in root.glob("*/latents.npy"))
-        if not shards:
-            raise SystemExit(f"train.py: --data {root}: no latents.npy in it or in its sub-folders "
-                             "(expected the flat-file dataset written by `python autoencoder.py encode`)")
-        self.shards = [self.open_shard(s) for s in shards]
-        first = self.shards[0]
-        for shard in self.shards[1:]:
-            for key in ("latent_shape", "conditioning", "flips", "class_names"):
-                if shard[key] != first[key]:
-                    raise SystemExit(f"train.py: shard {shard['path']} has {key} {shard[key]}, "
-                                     f"but {first['path']} has {first[key]}")
-        self.meta, self.latent_shape = first["meta"], first["latent_shape"]
-        self.conditioning, self.flips, self.class_names = first["conditioning"], first["flips"], first["class_names"]
-        self.num_classes = len(self.class_names) if self.conditioning == "labels" else None
-        self.context_shape = first["context"].shape[1:] if self.conditioning == "context" else None
-        self.offsets = np.cumsum([0] + [len(s["latents"]) for s in self.shards])
-        self.count = int(self.offsets[-1])
-        self.resolution = int(self.meta.get("resolution", self.latent_shape[-1] * 8))
-
-    @staticmethod
-    def open_shard(path):
-        meta_path = path / "meta.json"
-        if not meta_path.exists():
-            raise SystemExit(f"train.py: {meta_path} is missing (each shard needs latents.npy and meta.json)")
-        meta = json.loads(meta_path.read_text())
-        latents = np.load(path / "latents.npy", mmap_mode="r")
-        if latents.ndim != 4:
-            raise SystemExit(f"train.py: {path / 'latents.npy'} has shape {latents.shape}, expected (N, C, h, w)")
-        flip_path = path / "latents_flip.npy"
-        flips = np.load(flip_path, mmap_mode="r") if flip_path.exists() else None
-        if flips is not None and flips.shape != latents.shape:
-            raise SystemExit(f"train.py: {flip_path} has shape {flips.shape}, {path / 'latents.npy'} {latents.shape}")
-        shard = dict(path=path, meta=meta, latents=latents, flip_latents=flips, flips=flips is not None,
-                     latent_shape=tuple(latents.shape[1:]), class_names=meta.get("class_names"))
-        if (path / "labels.npy").exists():
-            labels = np.load(path / "labels.npy", mmap_mode="r")
-            if labels.shape != (len(latents),):
-                raise SystemExit(f"train.py: {path / 'labels.npy'} has shape {labels.shape}, expected ({len(latents)},)")
-            if not shard["class_names"]:
-                raise SystemExit(f"train.py: {meta_path} has no class_names for the labels in {path / 'labels.npy'}")
-            if len(labels) and not 0 <= labels.min() <= labels.max() < len(shard["class_names"]):
-                raise SystemExit(f"train.py: {path / 'labels.npy'} holds labels {labels.min()}..{labels.max()}, "
-                                 f"expected 0..{len(shard['class_names']) - 1} (the class_names of {meta_path})")
-            shard.update(conditioning="labels", labels=labels)
-        elif (path / "context.npy").exists():
-            context = np.load(path / "context.npy", mmap_mode="r")
-            if context.ndim != 3 or len(context) != len(latents):
-                raise SystemExit(f"train.py: {path / 'context.npy'} has shape {context.shape}, "
-                                 f"expected ({len(latents)}, L, D)")
-            shard.update(conditioning="context", context=context)
-        else:
-            shard.update(conditioning="none")
-        return shard
-
-    def __len__(self):
-        return self.count * (2 if self.flips else 1)
-
-    def get(self, indices):
-        """Rows of the (doubled) index space -> latents (B, C, h, w) float32 and the condition, as CPU tensors."""
-        latents, conditions = [], []
-        for index in indices:
-            flipped, index = divmod(int(index), self.count)
-            shard_index = int(np.searchsorted(self.offsets, index, side="right")) - 1
-            shard, row = self.shards[shard_index], index - int(self.offsets[shard_index])
-            latents.append(shard["flip_latents" if flipped else "latents"][row])
-            if self.conditioning == "labels":
-                conditions.append(shard["labels"][row])
-            elif self.conditioning == "context":
-                conditions.append(shard["context"][row])
-        latents = torch.from_numpy(np.stack(latents).astype(np.float32))
-        if self.conditioning == "none":
-            return latents, None
-        condition = torch.from_numpy(np.stack(conditions))
-        return latents, condition.long() if self.conditioning == "labels" else condition.float()
-
-
-class EpochSampler:
-    """Deterministic batches: epoch e is the permutation drawn from seed + e; each rank takes every world-th
-    index of it. The position (epoch, batch in epoch) is all the state a resume needs."""
-
-    def __init__(self, size, batch_size, rank, world, seed):
-        self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
-        self.batches_per_epoch = size // (batch_size * world)
-        if self.batches_per_epoch == 0:
-            raise SystemExit(f"train.py: the dataset has {size} samples, fewer than one global micro-batch "
-                             f"({batch_size} x {world} ranks)")
-        self.epoch, self.batch = 0, 0
-        self._permutation_epoch, self._permutation = None, None
-
-    def state_dict(self):
-        return dict(epoch=self.epoch, batch=self.batch)
-
-    def load_state_dict(self, state):
-        self.epoch, self.batch = state["epoch"], state["batch"]
-
-    def next_indices(self):
-        if self.batch == self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        if self._permutation_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._permutation = torch.randperm(self.size, generator=generator)
-            self._permutation_epoch = self.epoch
-        start = self.batch * self.batch_size * self.world
-        batch = self._permutation[start: start + self.batch_size * self.world][self.rank:: self.world]
-        self.batch += 1
-        return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in demo: synthetic labelled images, a small random KL autoencoder, flat files (cached)
-# ----------------------------------------------------------------------------------------------------------------
-
-DEMO_CLASSES = ("disks", "stripes", "checkers", "rings")
-DEMO_RESOLUTION = 64
-
-
-def synthetic_image(kind, rng, size=DEMO_RESOLUTION):
-    """A procedural RGB image in [-1, 1] of one of DEMO_CLASSES, with random colours, frequency and position."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    background, foreground = rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
-    cx, cy, angle, frequency = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0, np.pi), rng.uniform(3, 8)
-    radius = np.hypot(xx - cx, yy - cy)
-    if kind == "disks":
-        inside = radius < rng.uniform(0.1, 0.3)
-    elif kind == "stripes":
-        inside = np.sin(2 * np.pi * frequency * (xx * np.cos(angle) + yy * np.sin(angle))) > 0
-    elif kind == "checkers":
-        inside = (np.floor(xx * frequency) + np.floor(yy * frequency)) % 2 == 0
-    else:
-        inside = np.sin(2 * np.pi * frequency * radius) > 0
-    image = np.where(inside[..., None], foreground, background) + rng.normal(0, 0.05, (size, size, 3))
-    return np.clip(image, -1, 1).transpose(2, 0, 1).astype(np.float32)
-
-
-def random_demo_autoencoder():
-    """A small KL autoencoder with random weights (4 levels: /8, 4 latent channels, 5 LPL taps), its latent scale
-    set so the demo's latents have unit standard deviation."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        ae = build_kl_autoencoder("sd", ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-    rng = np.random.default_rng(1)
-    images = torch.from_numpy(np.stack([synthetic_image(DEMO_CLASSES[i % 4], rng) for i in range(32)]))
-    with torch.no_grad():
-        std = ae.encode(images).std().item()
-    return set_latent_space(ae, "custom", ae.scaling_factor / std, 0.0)
-
-
-def build_demo_data(root, vae_path, count, log):
-    """Encode `count` synthetic images with the autoencoder at vae_path into root (skipped when cached)."""
-    root = Path(root)
-    if (root / "meta.json").exists():
-        log(f"demo: using the cached dataset {root}")
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    ae = load_autoencoder(vae_path, verbose=False)
-    if not ae.has_encoder:
-        raise SystemExit(f"train.py: the demo encodes its images, but {vae_path} has no encoder "
-                         "(give the *_decoder.pth of a pair whose *_encoder.pth sits beside it)")
-    rng = np.random.default_rng(0)
-    labels = np.arange(count) % len(DEMO_CLASSES)
-    latents = []
-    with torch.no_grad():
-        for start in range(0, count, 64):
-            images = np.stack([synthetic_image(DEMO_CLASSES[k], rng) for k in labels[start:start + 64]])
-            latents.append(ae.encode(torch.from_numpy(images)).numpy().astype(np.float16))
-    latents = np.concatenate(latents)
-    atomic_numpy_save(root / "labels.npy", labels.astype(np.int64))
-    atomic_numpy_save(root / "latents.npy", latents)
-    meta = dict(autoencoder=str(vae_path), describe=ae.describe(), scaling=ae.scaling_factor,
-                shift=ae.shift_factor, resolution=DEMO_RESOLUTION, count=count,
-                class_names=list(DEMO_CLASSES), source="train.py demo: procedural images")
-    atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the cache complete
-    log(f"demo: encoded {count} synthetic {DEMO_RESOLUTION}px images into {root}, latents {latents.shape[1:]}")
-    return root
-
-
-def prepare_demo(args, rank, world, log):
-    """Point args at a demo dataset and autoencoder (made by rank 0, cached under the run folder's parent)."""
-    cache = Path(args.out).parent / "demo-cache"
-    if args.vae is None:
-        args.vae = str(cache / "random-kl-vae.safetensors")
-        if rank == 0 and not Path(args.vae).exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            save_autoencoder(random_demo_autoencoder(), args.vae)
-    data = cache / f"data-{Path(args.vae).stem}"
-    if rank == 0:
-        log("demo: a smoke run of the whole pipeline on synthetic data with a small random autoencoder -- "
-            "NOT a result. A real run: python autoencoder.py encode --vae VAE --images IMAGENET --out DATA "
-            "--resolution 256, then torchrun --nproc_per_node=8 train.py --data DATA --out runs/x --lpl --vae VAE")
-        build_demo_data(data, args.vae, args.demo_images, log)
-    if world > 1:
-        dist.barrier()
-    args.data = str(data)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: plain tensors and dicts, written to a temporary file and renamed
-# ----------------------------------------------------------------------------------------------------------------
-
-def atomic_torch_save(obj, path):
-    with atomic_output(path) as temporary:
-        torch.save(obj, temporary)
-
-
-def atomic_numpy_save(path, array):
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        np.save(file, array)
-
-
-def atomic_write_text(path, text):
-    with atomic_output(path) as temporary:
-        Path(temporary).write_text(text)
-
-
-def link_last(step_path, last_path):
-    """last.pt -> the newest checkpoint, as a hard link renamed into place (a copy where links are refused)."""
-    with atomic_output(last_path) as temporary:
-        try:
-            os.link(step_path, temporary)
-        except OSError:
-            shutil.copyfile(step_path, temporary)
-
-
-def load_checkpoint(path, what):
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"train.py: {what} {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # CPU first: never pile onto GPU 0
-    except Exception as error:
-        raise SystemExit(f"train.py: {what} {path} is not a readable checkpoint ({error})") from None
-    for key in ("model", "ema", "model_config", "args", "step"):
-        if key not in checkpoint:
-            raise SystemExit(f"train.py: {what} {path} has no {key!r}: not a train.py checkpoint")
-    return checkpoint
-
-
-MUST_MATCH_ON_RESUME = ("model", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
-                        "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_depth_weights", "lpl_start",
-                        "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift")
 
 
 def check_resume_args(checkpoint, args, path):
     """A resume continues one run: the flags that define it must be the ones it was started with."""
-    saved = checkpoint["args"]
-    different = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (given)"
-                 for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(args, k)]
+    saved, shown = checkpoint["args"], lambda v: "default" if v is None else v
+    different = [f"--{k.replace('_', '-')} {shown(saved.get(k))} (checkpoint) vs {shown(getattr(args, k))} (given)"
+                 for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
     if different:
-        raise SystemExit(f"train.py: --resume {path} was trained with other settings: " + "; ".join(different))
+        fail(f"--resume {path} was trained with other settings: " + "; ".join(different))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EMA, kept in float32: ema <- decay * ema + (1 - decay) * params
+# The run folder has one writer: a lock held by rank 0 for the run's life
 # ----------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def run_folder(out, rank):
+    """Rank 0 holds an exclusive flock on OUT/run.lock (released by the kernel if the process dies, so a stale lock
+    of a dead PID is simply taken over). A start that fails leaves no folder it created behind."""
+    out, created = Path(out), not Path(out).exists()
+    if rank != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"run folder {out} in use by PID {lock.read().strip() or '?'} (its run.lock is held)")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        (out / "run.lock").unlink(missing_ok=True)
+        lock.close()
+        if created and not any(out.rglob("*.pt")) and not (out / "log.jsonl").exists():  # a start that failed
+            shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and the EMA
+# ----------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(checkpoint, folder, step):
+    """OUT/checkpoints/step-N.pt written to a temporary file and renamed; last.pt a hard link renamed onto it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.pt"
+    with atomic_output(path) as temporary:
+        torch.save(checkpoint, temporary)
+    with atomic_output(folder / "last.pt") as temporary:
+        try:
+            os.link(path, temporary)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, temporary)
+    return path
+
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_params, [p.float() for p in params], 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * params, in float32."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.float() for p in model.parameters()], 1.0 - decay)
+
+
+def warmed_up(decay, step):
+    """The EMA decay at step `step` of a fresh run: at most (1 + step) / (EMA_WARMUP + step), so the EMA of a short run
+    is an average of its recent weights rather than its initialisation (an EMA loaded by --init-from is not warmed)."""
+    return min(decay, (1 + step) / (EMA_WARMUP + step))
 
 
 @torch.no_grad()
@@ -422,46 +226,97 @@ def weights_checksum(tensors):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Validation: fixed noise levels, fixed noise, in latent and in decoded space
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, diffusion, val, ae=None, lpl=None, levels=VAL_LEVELS, count=64, draws=1, batch_size=32,
+             seed=0, device="cpu", autocast_dtype=None):
+    """For each sigma/alpha in `levels` and the first `count` rows of `val` (no flips, null condition), with noise
+    from its own generator (seed, draw): the diffusion loss, the latent MSE of z0_hat and, with an autoencoder,
+    decoded z0_hat against decoded z0: PSNR (dB, peak-to-peak 2), and the upper octave of the radial power spectrum
+    as log10 P(x0_hat) / P(x0) (fid.upper_octave_log_ratio), its mean ("hf_log_ratio": < 0 is missing detail) and
+    its mean absolute value ("hf_error"); with LPL, its distance with the gate open (mean over rows). Each figure is
+    a mean over rows of the per-row mean over draws; "<name>_se" is its standard error over rows."""
+    model_fn, rows, device = mmdit_model_fn(model), list(range(min(count, val.count))), torch.device(device)
+    z0_all, cond_all = val.get(rows)
+    if cond_all is not None:
+        cond_all = null_condition(model, cond_all)
+    per_row = {}  # name -> (levels, rows) sums over draws
+    for draw in range(draws):
+        noise_all = torch.randn(z0_all.shape, generator=torch.Generator().manual_seed(seed * 1000 + draw))
+        for start in range(0, len(rows), batch_size):
+            z0, noise = (x[start: start + batch_size].to(device) for x in (z0_all, noise_all))
+            cond = None if cond_all is None else cond_all[start: start + batch_size].to(device)
+            x0 = ae.decode(z0.to(ae.dtype)).float() if ae is not None else None
+            for i, level in enumerate(levels):
+                t = diffusion.t_from_sigma_ratio(torch.full((len(z0),), level)).float().to(device)
+                zt = diffusion.add_noise(z0, noise, t)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    pred = model_fn(zt, t, cond).float()
+                z0_hat = diffusion.x0_from_pred(zt, pred, t)
+                figures = dict(diffusion=(pred - diffusion.target(z0, noise, t)).square().mean((1, 2, 3)),
+                               latent_mse=(z0_hat - z0).square().mean((1, 2, 3)))
+                if ae is not None:
+                    x0_hat = ae.decode(z0_hat.to(ae.dtype)).float()
+                    figures["psnr"] = 10 * torch.log10(4 / (x0_hat.clamp(-1, 1) - x0).square().mean((1, 2, 3)))
+                    log_ratio = upper_octave_log_ratio(x0_hat.clamp(-1, 1), x0.clamp(-1, 1))
+                    figures.update(hf_log_ratio=log_ratio.mean(1), hf_error=log_ratio.abs().mean(1))
+                if lpl is not None and level <= lpl.tau(val.resolution):  # the levels where LPL acts
+                    ratio, generator = torch.full((len(z0),), level), torch.Generator().manual_seed(draw)
+                    figures["lpl"] = lpl(z0_hat, z0, ratio, generator)[0].expand(len(z0))
+                for name, value in figures.items():
+                    total = per_row.setdefault(name, torch.zeros(len(levels), len(rows), dtype=torch.float64))
+                    total[i, start: start + len(z0)] += value.double().cpu()
+    record = dict(sigma_ratio=list(levels), rows=len(rows), draws=draws)
+    for name, total in per_row.items():
+        mean = total / draws  # (levels, rows)
+        se = mean.std(1) / math.sqrt(len(rows)) if len(rows) > 1 else torch.zeros(len(levels))
+        acts = [name != "lpl" or level <= lpl.tau(val.resolution) for level in levels]  # None where LPL does not
+        record[name] = [m if a else None for m, a in zip(mean.mean(1).tolist(), acts)]
+        record[f"{name}_se"] = [s if a else None for s, a in zip(se.tolist(), acts)]
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, args, rank, world, device):
+    """Everything one rank holds. The public surface: train_step(next_batches()) -> stats, state_dict() /
+    load_state_dict() (exact resume), validate(), sample_grid(), train() (the loop)."""
+
+    def __init__(self, args, rank, world, device, resume=None):
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.log = print if rank == 0 else (lambda *a, **k: None)
-        self.out = Path(args.out)
-        self.ckpt_dir = self.out / "checkpoints"
-        if rank == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
-
-        resume = self.resolve_resume_path()
-        self.data = LatentDataset(args.data)
-        self.micro_batch = self.split_batch()
-        self.model = self.build_model()
+        self.out, self.autocast_dtype = Path(args.out), torch.bfloat16 if args.precision == "bf16" else None
+        self.data = data.LatentDataset(args.data)
+        self.val = data.LatentDataset(args.val_data, "--val-data") if args.val_data else None
+        if args.global_batch_size % (world * args.grad_accum):
+            fail(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x "
+                 f"--grad-accum {args.grad_accum}")
+        self.micro_batch = args.global_batch_size // (world * args.grad_accum)
+        self.sampler = data.EpochSampler(len(self.data), self.micro_batch, rank, world, args.seed)
         self.ae = self.load_vae()
-        self.diffusion = self.build_diffusion()
         self.lpl = self.build_lpl()
-
+        self.model = self.build_model()
+        shift = args.flow_shift if args.flow_shift is not None else self.data.resolution / 256
+        self.diffusion = Diffusion(args.objective, shift=shift) if args.objective == "flow" else Diffusion(args.objective)
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
-        fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                           betas=(0.9, 0.999), fused=fused)
-        self.sampler = EpochSampler(len(self.data), self.micro_batch, rank, world, args.seed)
-        # Two generators per rank: times, label dropout and LPL sub-batches on the CPU (so the LPL gate needs no
-        # host-device sync), noise on the device.
+                                           betas=(0.9, 0.999), fused=device.type == "cuda")
+        # Per rank: times, label dropout and LPL sub-batches on a CPU generator (the LPL gate needs no host-device
+        # sync), noise on a device generator. Validation and sample grids use generators of their own.
         self.cpu_generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
         self.noise_generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank + 500)
         self.step = 0
-        if resume:
-            self.resume(resume)
+        if resume is not None:
+            self.load_state_dict(resume)
+            self.log(f"resumed from {args.resume} at step {self.step}")
         elif args.init_from:
-            self.init_from(args.init_from)
-        self.trim_log()
-
-        self.train_model = self.model
-        if args.compile:
-            self.train_model = torch.compile(self.model)
+            self.load_weights(load_checkpoint(args.init_from, "--init-from"), "--init-from")
+            self.log(f"initialised from {args.init_from}: model and EMA weights (positional embedding for this grid)")
+        self.train_model = torch.compile(self.model) if args.compile else self.model
         if world > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.train_model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -469,23 +324,39 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
-    def resolve_resume_path(self):
-        if not self.args.resume:
-            if (self.ckpt_dir / "last.pt").exists():
-                raise SystemExit(f"train.py: {self.ckpt_dir / 'last.pt'} exists: continue that run with --resume last, "
-                                 f"or start a new one in another --out (or remove {self.out})")
+    def load_vae(self):
+        args = self.args
+        if args.vae is None:
             return None
-        if self.args.init_from:
-            raise SystemExit("train.py: --resume and --init-from exclude each other (resume continues a run; "
-                             "init-from starts a new one from its weights)")
-        return self.ckpt_dir / "last.pt" if self.args.resume == "last" else Path(self.args.resume)
+        dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
+        # The latents were scaled when they were encoded: LPL and decoding must unscale them the same way.
+        scaling, shift = self.data.meta.get("scaling"), self.data.meta.get("shift")
+        try:
+            ae = load_autoencoder(args.vae, device=self.device, dtype=dtype, scaling_factor=scaling,
+                                  shift_factor=shift, verbose=self.rank == 0)
+        except (ValueError, FileNotFoundError) as error:
+            fail(f"--vae {args.vae}: {error}")
+        if ae.latent_channels != self.data.latent_shape[0]:
+            fail(f"--vae {args.vae} has {ae.latent_channels} latent channels, but the latents in --data {args.data} "
+                 f"have {self.data.latent_shape[0]}")
+        self.log(f"autoencoder: {ae.describe()} ({dtype}); latent scale and shift from {args.data}/meta.json")
+        return ae
 
-    def split_batch(self):
-        args, per_step = self.args, self.world * self.args.grad_accum
-        if args.global_batch_size % per_step:
-            raise SystemExit(f"train.py: --global-batch-size {args.global_batch_size} is not divisible by "
-                             f"{self.world} ranks x --grad-accum {args.grad_accum}")
-        return args.global_batch_size // per_step
+    def build_lpl(self):
+        args = self.args
+        if not args.lpl:
+            return None
+        try:
+            lpl = LatentPerceptualLoss(self.ae, n_blocks=args.lpl_blocks, threshold=args.lpl_threshold,
+                                       norm=args.lpl_norm, mask_from=args.lpl_mask,
+                                       depth_weights=args.lpl_depth_weights, checkpointing=args.lpl_checkpointing,
+                                       max_samples=args.lpl_max_samples, compile=args.lpl_compile)
+        except ValueError as error:  # lpl.py names its argument; say which flag it came from
+            flag = dict(n_blocks="blocks", threshold="threshold", max_samples="max-samples").get(str(error).split()[0])
+            fail(f"--lpl-{flag} {getattr(args, 'lpl_' + flag.replace('-', '_'))}: {error}" if flag else f"--lpl: {error}")
+        self.log(f"LPL: w {args.lpl_weight}, {lpl.n_blocks} blocks, tau {lpl.tau(self.data.resolution):g} at "
+                 f"{self.data.resolution}px, norm {args.lpl_norm}, mask from {args.lpl_mask}, from step {args.lpl_start}")
+        return lpl
 
     def build_model(self):
         args, (channels, height, width) = self.args, self.data.latent_shape
@@ -496,263 +367,190 @@ class Trainer:
             overrides["context_dim"] = self.data.context_shape[-1]
         patch = MODELS[args.model]["patch_size"]
         if height != width or height % patch:
-            raise SystemExit(f"train.py: --data latents are {channels}x{height}x{width}; --model {args.model} needs "
-                             f"square latents whose side is a multiple of its patch size {patch}")
+            fail(f"--data latents are {channels}x{height}x{width}; --model {args.model} needs square latents whose "
+                 f"side is a multiple of its patch size {patch}")
         with torch.random.fork_rng(devices=[]):  # initial weights from --seed alone; the global RNG is left as it was
             torch.manual_seed(args.seed)
             model = build_model(args.model, **overrides)  # built on the CPU: the same weights on every device
-        model = model.to(self.device)
-        parameters = sum(p.numel() for p in model.parameters())
-        self.log(f"model {args.model}: {parameters / 1e6:.1f}M parameters, latents {channels}x{height}x{width}, "
-                 f"conditioning: {self.data.conditioning}")
-        return model
+        self.log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, latents "
+                 f"{channels}x{height}x{width}, conditioning: {self.data.conditioning}")
+        return model.to(self.device)
 
-    def load_vae(self):
-        args = self.args
-        if args.vae is None:
-            return None
-        dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
-        # The latents were scaled when they were encoded: LPL must unscale them the same way (meta.json).
-        scaling, shift = self.data.meta.get("scaling"), self.data.meta.get("shift")
-        if scaling is not None:
-            self.log(f"latent scaling {scaling:g}, shift {shift or 0:g} from {Path(args.data) / 'meta.json'}")
-        ae = load_autoencoder(args.vae, device=self.device, dtype=dtype, scaling_factor=scaling, shift_factor=shift,
-                              verbose=self.rank == 0)
-        channels = self.data.latent_shape[0]
-        if ae.latent_channels != channels:
-            raise SystemExit(f"train.py: --vae {args.vae} has {ae.latent_channels} latent channels, but the latents "
-                             f"in --data {args.data} have {channels}")
-        self.log(f"autoencoder: {ae.describe()} ({dtype})")
-        return ae
+    # -- state: weights, optimiser, step, RNG streams, data position ----------------------------------------------
 
-    def build_diffusion(self):
-        args = self.args
-        shift = args.flow_shift if args.flow_shift is not None else self.data.resolution / 256
-        diffusion = Diffusion(args.objective, shift=shift) if args.objective == "flow" else Diffusion(args.objective)
-        self.log(f"diffusion: {diffusion}")
-        return diffusion
+    def state_dict(self):
+        """This rank's complete state; save_checkpoint gathers every rank's RNG streams into one checkpoint."""
+        return dict(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
+                    step=self.step, rng=dict(cpu=self.cpu_generator.get_state(),
+                                             noise=self.noise_generator.get_state().cpu()),
+                    data=self.sampler.state_dict())
 
-    def build_lpl(self):
-        args = self.args
-        if not args.lpl:
-            return None
-        if args.lpl_blocks is None:
-            args.lpl_blocks = min(5, self.ae.num_feature_blocks)
-        if not 1 <= args.lpl_blocks <= self.ae.num_feature_blocks:
-            raise SystemExit(f"train.py: --lpl-blocks must be in 1..{self.ae.num_feature_blocks} for --vae {args.vae} "
-                             f"(its decoder has {self.ae.num_feature_blocks} feature taps), got {args.lpl_blocks}")
-        if args.lpl_max_samples is not None and args.lpl_max_samples < 1:
-            raise SystemExit(f"train.py: --lpl-max-samples must be at least 1, got {args.lpl_max_samples}")
-        lpl = LatentPerceptualLoss(self.ae, n_blocks=args.lpl_blocks, threshold=args.lpl_threshold,
-                                   norm=args.lpl_norm, mask_from=args.lpl_mask, depth_weights=args.lpl_depth_weights,
-                                   checkpointing=args.lpl_checkpointing, max_samples=args.lpl_max_samples,
-                                   channels_last=args.lpl_channels_last)
-        tau = lpl.tau(self.data.resolution)
-        self.log(f"LPL: w {args.lpl_weight}, {args.lpl_blocks} blocks, tau {tau:g} at {self.data.resolution}px, "
-                 f"norm {args.lpl_norm}, mask from {args.lpl_mask}, from step {args.lpl_start}")
-        return lpl
-
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-
-    def rng_state(self):
-        return dict(cpu=self.cpu_generator.get_state(), noise=self.noise_generator.get_state())
-
-    def save_checkpoint(self):
-        """Every rank's RNG state and weights checksum are gathered; if all ranks hold the same model and EMA,
-        rank 0 writes step-N.pt atomically and points last.pt at it."""
-        model, ema = self.model.state_dict(), self.ema.state_dict()
-        mine = dict(rng={k: v.cpu() for k, v in self.rng_state().items()},
-                    checksum=weights_checksum([*model.values(), *ema.values()]))
-        states = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        checksums = [state["checksum"] for state in states]
-        if len(set(checksums)) > 1:  # every rank sees the same list, so every rank stops
-            raise SystemExit(f"train.py: at step {self.step} the ranks hold different weights (checksums {checksums}):"
-                             f" the DDP replicas diverged; stopping without saving: {self.last_good_checkpoint()}")
-        if self.rank == 0:
-            checkpoint = dict(model=model, ema=ema, optimizer=self.optimizer.state_dict(), step=self.step,
-                              args=vars(self.args), model_config=self.model.config,
-                              diffusion=self.diffusion.config(), class_names=self.data.class_names,
-                              rng=[state["rng"] for state in states], replica_checksums=checksums,
-                              data=self.sampler.state_dict(), resolution=self.data.resolution,
-                              latent_scaling=dict(scaling_factor=self.data.meta.get("scaling"),
-                                                  shift_factor=self.data.meta.get("shift")))
-            path = self.ckpt_dir / f"step-{self.step:07d}.pt"
-            atomic_torch_save(checkpoint, path)
-            link_last(path, self.ckpt_dir / "last.pt")
-            self.log(f"saved {path}")
-        if self.world > 1:
-            dist.barrier()
-
-    def last_good_checkpoint(self):
-        last = self.ckpt_dir / "last.pt"
-        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-
-    def resume(self, path):
-        checkpoint = load_checkpoint(path, "--resume")
-        check_resume_args(checkpoint, self.args, path)
-        self.load_weights(checkpoint, path, "--resume")
+    def load_state_dict(self, checkpoint):
+        self.load_weights(checkpoint, "--resume")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if len(checkpoint["rng"]) != self.world:
-            raise SystemExit(f"train.py: --resume {path} was written by {len(checkpoint['rng'])} ranks, this run has "
-                             f"{self.world}: a bit-exact continuation needs the same number")
+            fail(f"--resume was written by {len(checkpoint['rng'])} ranks, this run has {self.world}: a bit-exact "
+                 "continuation needs the same number")
         self.cpu_generator.set_state(checkpoint["rng"][self.rank]["cpu"])
         self.noise_generator.set_state(checkpoint["rng"][self.rank]["noise"])
         self.sampler.load_state_dict(checkpoint["data"])
         self.step = checkpoint["step"]
-        self.log(f"resumed from {path} at step {self.step}")
 
-    def init_from(self, path):
-        checkpoint = load_checkpoint(path, "--init-from")
-        self.load_weights(checkpoint, path, "--init-from")
-        saved = checkpoint["model_config"]
-        self.log(f"initialised from {path} (step {checkpoint['step']}, latents {saved['input_size']}px -> "
-                 f"{self.model.input_size}px; positional embedding recomputed for the new grid)")
-
-    def load_weights(self, checkpoint, path, flag):
+    def load_weights(self, checkpoint, flag):
         saved, ours = checkpoint["model_config"], self.model.config
-        keys = ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "context_dim")
-        different = [f"{k} {saved.get(k)} (checkpoint) vs {ours[k]} (this run)" for k in keys if saved.get(k) != ours[k]]
+        different = [f"{k} {saved.get(k)} (checkpoint) vs {v} (this run)" for k, v in ours.items()
+                     if k not in ("input_size", "gradient_checkpointing") and saved.get(k) != v]
         if different:
-            raise SystemExit(f"train.py: {flag} {path} holds a different model (trained with --model "
-                             f"{checkpoint['args'].get('model')}): " + "; ".join(different))
+            fail(f"{flag} holds a different model (trained with --model {checkpoint['args'].get('model')}): "
+                 + "; ".join(different))
         self.model.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
 
-    def trim_log(self):
-        """Keep the log lines up to this run's step: on resume, drop those a crashed run wrote after the
-        checkpoint; on a fresh start in an old folder, drop the old run's."""
-        path = self.out / "log.jsonl"
-        if self.rank == 0 and path.exists():
-            lines = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        lines.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a line half-written by a killed run
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
+    def save_checkpoint(self):
+        """Every rank's RNG state and weights checksum are gathered; if all ranks hold the same model and EMA,
+        rank 0 writes step-N.pt atomically and points last.pt at it."""
+        state = self.state_dict()
+        mine = dict(rng=state["rng"], checksum=weights_checksum([*state["model"].values(), *state["ema"].values()]))
+        states = [mine]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, mine)
+        checksums = [s["checksum"] for s in states]
+        if len(set(checksums)) > 1:  # every rank sees the same list, so every rank stops
+            fail(f"at step {self.step} the ranks hold different weights (checksums {checksums}): the DDP replicas "
+                 f"diverged; stopping without saving: {self.last_good_checkpoint()}")
+        if self.rank == 0:
+            state.update(rng=[s["rng"] for s in states], replica_checksums=checksums, args=vars(self.args),
+                         model_config=self.model.config, diffusion=self.diffusion.config(),
+                         class_names=self.data.class_names, resolution=self.data.resolution,
+                         latent_scaling=dict(scaling_factor=self.data.meta.get("scaling"),
+                                             shift_factor=self.data.meta.get("shift")))
+            self.log(f"saved {save_checkpoint(state, self.out / 'checkpoints', self.step)}")
+        if self.world > 1:
+            dist.barrier()
 
-    # -- one step -------------------------------------------------------------------------------------------------
+    def last_good_checkpoint(self):
+        last = self.out / "checkpoints" / "last.pt"
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
 
-    def next_batch(self):
-        latents, condition = self.data.get(self.sampler.next_indices())
-        z0 = latents.to(self.device, non_blocking=True)
-        drop = torch.rand(len(latents), generator=self.cpu_generator) < CFG_DROPOUT
-        if condition is None:
-            return z0, {}
-        if self.data.conditioning == "labels":
-            condition = torch.where(drop, self.model.null_label, condition)
-            return z0, dict(y=condition.to(self.device, non_blocking=True))
-        condition = condition * (~drop).float()[:, None, None]  # the null text context is all zeros
-        return z0, dict(context=condition.to(self.device, non_blocking=True))
+    # -- one optimiser step ---------------------------------------------------------------------------------------
+
+    def next_batches(self):
+        """grad_accum micro-batches: latents, condition (10% replaced by the null condition), t (CPU), noise."""
+        batches = []
+        for _ in range(self.args.grad_accum):
+            latents, condition = self.data.get(self.sampler.next_indices())
+            drop = torch.rand(len(latents), generator=self.cpu_generator) < CFG_DROPOUT
+            if condition is not None:
+                null = null_condition(self.model, condition)
+                condition = torch.where(drop.view(-1, *[1] * (condition.dim() - 1)), null, condition)
+                condition = condition.to(self.device, non_blocking=True)
+            t = self.diffusion.sample_t(len(latents), generator=self.cpu_generator)
+            z0 = latents.to(self.device, non_blocking=True)
+            noise = torch.randn(z0.shape, generator=self.noise_generator, device=self.device)
+            batches.append(dict(z0=z0, condition=condition, t=t, noise=noise))
+        return batches
 
     def lpl_active(self):
         return self.lpl is not None and self.step >= self.args.lpl_start
 
-    def micro_step(self, sums):
-        z0, condition = self.next_batch()
-        t_cpu = self.diffusion.sample_t(len(z0), generator=self.cpu_generator)
-        t = t_cpu.to(self.device, non_blocking=True)
-        noise = torch.randn(z0.shape, generator=self.noise_generator, device=self.device)
-        zt = self.diffusion.add_noise(z0, noise, t)
+    def losses(self, z0, condition, t, noise):
+        """(L_tot, stats) of one micro-batch."""
+        key = "y" if self.data.conditioning == "labels" else "context"
+        condition = {} if condition is None else {key: condition}
+        t_device = t.to(self.device, non_blocking=True)
+        zt = self.diffusion.add_noise(z0, noise, t_device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            prediction = self.train_model(zt, t, **condition).float()
-            loss_diffusion = F.mse_loss(prediction, self.diffusion.target(z0, noise, t))
-            loss = loss_diffusion
-            if self.lpl_active():
-                z0_hat = self.diffusion.x0_from_pred(zt, prediction, t)  # Table 1
-                loss_lpl, lpl_stats = self.lpl(z0_hat, z0, self.diffusion.sigma_ratio(t_cpu),
-                                               generator=self.cpu_generator)
-                loss = loss + self.args.lpl_weight * loss_lpl  # L_tot = L_diff + w_LPL L_LPL
-                sums["lpl"] += loss_lpl.detach()
-                for name, value in lpl_stats.items():
-                    sums[f"lpl_{name}"] = sums.get(f"lpl_{name}", 0) + value  # device tensors: no sync
-        sums["diffusion"] += loss_diffusion.detach()
-        sums["count"] += 1
-        return loss
+            prediction = self.train_model(zt, t_device, **condition).float()
+            loss_diffusion = F.mse_loss(prediction, self.diffusion.target(z0, noise, t_device))
+            stats = dict(diffusion=loss_diffusion.detach())
+            if not self.lpl_active():
+                return loss_diffusion, stats
+            z0_hat = self.diffusion.x0_from_pred(zt, prediction, t_device)  # Table 1
+            loss_lpl, lpl_stats = self.lpl(z0_hat, z0, self.diffusion.sigma_ratio(t), generator=self.cpu_generator)
+        stats.update(lpl=loss_lpl.detach(), **{f"lpl_{k}": v for k, v in lpl_stats.items()})
+        return loss_diffusion + self.args.lpl_weight * loss_lpl, stats  # L_tot = L_diff + w_LPL L_LPL
 
-    def optimizer_step(self, sums):
-        args = self.args
+    def train_step(self, batches):
+        """One optimiser step over the micro-batches -> stats as device tensors (no host-device sync)."""
+        args, totals = self.args, {}
+        lr = args.lr * min(1.0, (self.step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (self.step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-        for micro in range(args.grad_accum):
-            last = micro == args.grad_accum - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.train_model.no_sync()
-            with sync:
-                loss = self.micro_step(sums)
-                (loss / args.grad_accum).backward()
-            # First non-finite step, kept on the device: checked at log and checkpoint time, no per-step sync.
-            bad = ~torch.isfinite(loss.detach())
-            sums["first_bad_step"] = torch.where(bad & (sums["first_bad_step"] < 0), self.step + 1,
-                                                 sums["first_bad_step"])
-        max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-        sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            group["lr"] = lr
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else self.train_model.no_sync():
+                loss, stats = self.losses(**batch)
+                (loss / len(batches)).backward()
+            stats["loss"] = loss.detach()
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + value / len(batches)
+        max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.model, args.ema_decay)
+        update_ema(self.ema, self.model, args.ema_decay if args.init_from else warmed_up(args.ema_decay, self.step))
         self.step += 1
+        return totals
 
-    # -- logging and previews -------------------------------------------------------------------------------------
-
-    def new_sums(self):
-        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
-        return dict(diffusion=zero(), lpl=zero(), grad_norm=zero(), count=0,
-                    first_bad_step=torch.full((), -1, device=self.device, dtype=torch.long))
-
-    def check_finite(self, sums):
-        """Stop at a non-finite loss before anything is written: the last good checkpoint stays intact."""
-        bad = sums["first_bad_step"].clone()
-        if self.world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
-            raise SystemExit(f"train.py: non-finite loss at step {bad.item()} (rank-max); stopping: "
-                             f"{self.last_good_checkpoint()}")
+    # -- logs, validation, sample grids ---------------------------------------------------------------------------
 
     def write_log(self, sums, steps, seconds):
-        """All-reduce the sums since the last log (the only sync point of the loop) and append one JSON line."""
-        names = sorted(k for k, v in sums.items() if torch.is_tensor(v) and k != "first_bad_step")
-        values = torch.stack([sums[k].float() for k in names])
+        """All-reduce the means since the last log (the loop's only sync point) and append one JSON line. A
+        non-finite loss stops the run here, before anything is written: the last good checkpoint stays intact."""
+        names = sorted(sums)
+        values = torch.stack([sums[k].float() / steps for k in names])
         if self.world > 1:
             dist.all_reduce(values)
             values /= self.world
-        record = dict(step=self.step)
-        for name, value in zip(names, values.tolist()):
-            divisor = steps if name == "grad_norm" else sums["count"]
-            record[name] = value / divisor
-        record["loss"] = record["diffusion"] + (self.args.lpl_weight * record["lpl"] if self.lpl_active() else 0.0)
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        record["img_per_s"] = steps * self.args.global_batch_size / seconds
+        record = dict(step=self.step, **dict(zip(names, values.tolist())))
+        if not math.isfinite(record["loss"]):
+            fail(f"non-finite loss in steps {self.step - steps + 1}..{self.step}; stopping: "
+                 f"{self.last_good_checkpoint()}")
+        record.update(lr=self.optimizer.param_groups[0]["lr"],
+                      img_per_s=steps * self.args.global_batch_size / seconds)
         if self.device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.append_log(record)
+        return record
+
+    def append_log(self, record):
         if self.rank == 0:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        return record
+
+    def validate(self):
+        """Rank 0 evaluates the EMA and the raw weights on --val-data (evaluate); the other ranks wait."""
+        if self.rank == 0:
+            for name, model in (("ema", self.ema), ("raw", self.model)):
+                figures = evaluate(model.eval(), self.diffusion, self.val, self.ae, self.lpl, count=self.args.val_samples,
+                                   draws=self.args.val_draws, batch_size=self.micro_batch, seed=self.args.seed,
+                                   device=self.device, autocast_dtype=self.autocast_dtype)
+                self.model.train()
+                self.append_log(dict(step=self.step, eval=name, **figures))
+                near = min(range(len(VAL_LEVELS)), key=lambda i: abs(VAL_LEVELS[i] - 1))
+                decoded = f", PSNR {figures['psnr'][near]:.2f} dB, HF error {figures['hf_error'][near]:.3f}" \
+                    if "psnr" in figures else ""
+                self.log(f"validation ({name}) at step {self.step}, sigma/alpha 1: diffusion loss "
+                         f"{figures['diffusion'][near]:.4f}{decoded}")
+        if self.world > 1:
+            dist.barrier()
 
     @torch.no_grad()
     def sample_grid(self):
         """16 samples of the EMA model, decoded, as OUT/samples/step-N.png (rank 0)."""
         if self.rank != 0 or self.ae is None:
             return
-        generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        channels, height, width = self.data.latent_shape
-        noise = torch.randn((16, channels, height, width), generator=generator, device=self.device)
+        generator = torch.Generator().manual_seed(self.args.seed)
+        noise = torch.randn((16, *self.data.latent_shape), generator=generator).to(self.device)
         cond = null = None
-        if self.data.conditioning == "labels":
-            cond = torch.arange(16, device=self.device) % self.data.num_classes
-            null = torch.full_like(cond, self.model.null_label)
-        elif self.data.conditioning == "context":
-            cond = self.data.get([i % self.data.count for i in range(16)])[1].to(self.device)  # the first contexts
-            null = torch.zeros_like(cond)
+        if self.data.conditioning != "none":
+            cond = self.data.get([i % self.data.count for i in range(16)])[1].to(self.device)  # the first rows'
+            null = null_condition(self.model, cond)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            z0 = sample(mmdit_model_fn(self.ema), self.diffusion, noise, steps=50,
-                        cfg_scale=default_cfg_scale(self.data.resolution) if cond is not None else 1.0,
-                        cond=cond, null_cond=null)
-            images = self.ae.decode(z0.to(next(self.ae.parameters()).dtype)).float()
+            z0 = sample(mmdit_model_fn(self.ema), self.diffusion, noise, steps=50, cond=cond, null_cond=null,
+                        cfg_scale=default_cfg_scale(self.data.resolution) if cond is not None else 1.0)
+            images = self.ae.decode(z0.to(self.ae.dtype)).float()
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(latents_to_uint8(images), path)
@@ -762,54 +560,75 @@ class Trainer:
 
     def train(self):
         args = self.args
+        self.trim_log()
         if self.step >= args.steps:
             self.log(f"nothing to do: the checkpoint is at step {self.step}, --steps is {args.steps}")
             return
         self.log(f"training {args.steps - self.step} steps, global batch {args.global_batch_size} = {self.world} ranks"
                  f" x {self.micro_batch} x {args.grad_accum} accumulation; out {self.out}")
         progress = tqdm(total=args.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
-        sums, steps_since, started = self.new_sums(), 0, time.perf_counter()
+        sums, steps, started = {}, 0, time.perf_counter()
         while self.step < args.steps:
-            self.optimizer_step(sums)
-            steps_since += 1
+            lpl_was_active = self.lpl_active()
+            for name, value in self.train_step(self.next_batches()).items():
+                sums[name] = sums.get(name, 0) + value  # device tensors: no sync
+            steps += 1
             progress.update(1)
-            at_end = self.step == args.steps
-            if self.step % args.log_every == 0 or at_end:
-                self.check_finite(sums)
-                record = self.write_log(sums, steps_since, time.perf_counter() - started)
-                postfix = dict(loss=f"{record['diffusion']:.4f}", img_s=f"{record['img_per_s']:.1f}")
-                if self.lpl_active():
-                    postfix["lpl"] = f"{record['lpl']:.4f}"
-                progress.set_postfix(postfix)
-                sums, steps_since, started = self.new_sums(), 0, time.perf_counter()
-            if self.step % args.ckpt_every == 0 or at_end:
-                self.check_finite(sums)
+            at_end, step = self.step == args.steps, self.step
+            evaluate_now = self.val is not None and (step % args.eval_every == 0 or at_end)
+            save_now, grid_now = step % args.ckpt_every == 0 or at_end, args.sample_every and step % args.sample_every == 0
+            # a log before anything is written or evaluated: it stops the run at a non-finite loss
+            if step % args.log_every == 0 or at_end or save_now or evaluate_now or lpl_was_active != self.lpl_active():
+                record = self.write_log(sums, steps, time.perf_counter() - started)
+                progress.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "diffusion", "lpl") if k in record})
+                sums, steps, started = {}, 0, time.perf_counter()
+            if evaluate_now:
+                self.validate()
+            if save_now:
                 self.save_checkpoint()
-            if args.sample_every and (self.step % args.sample_every == 0 or at_end):
+            if args.sample_every and (grid_now or at_end):
                 self.sample_grid()
         progress.close()
 
+    def trim_log(self):
+        """Keep the log lines up to this run's step: on resume, drop those a crashed run wrote after the
+        checkpoint; on a fresh start in an old folder, drop the old run's."""
+        path = self.out / "log.jsonl"
+        if self.rank == 0 and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line a killed run half-wrote
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line + "\n")
+            with atomic_output(path) as temporary:
+                temporary.write_text("".join(kept))
+
 
 def main(argv=None):
-    args = parse_args(argv)
-    demo = args.data is None
-    args = fill_defaults(args)
+    args = check_args(parse_args(argv))
+    resume = None
+    if args.resume:
+        path = Path(args.out) / "checkpoints" / "last.pt" if args.resume == "last" else Path(args.resume)
+        resume = load_checkpoint(path, "--resume", mmap=True)
+        check_resume_args(resume, args, path)
+    elif (Path(args.out) / "checkpoints" / "last.pt").exists():
+        fail(f"{args.out}/checkpoints/last.pt exists: continue that run with --resume last, or start a new one in "
+             f"another --out (or remove {args.out})")
     rank, world, device = setup_distributed()
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    if args.vae_dtype is None:
-        args.vae_dtype = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.vae_dtype = args.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    log = print if rank == 0 else (lambda *a, **k: None)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        if demo:
-            prepare_demo(args, rank, world, log)
-        Trainer(args, rank, world, device).train()
-        if demo:
-            log(f"demo finished: log {Path(args.out) / 'log.jsonl'}, grids {Path(args.out) / 'samples'}. "
-                "This was a smoke run on synthetic data, not a result.")
+        if args.data is None:  # the demo: rank 0 builds (or reuses) the datasets, the others wait
+            cache = Path(args.out).parent / "demo-cache"
+            if rank == 0:
+                data.build_demo_data(cache)
+            if world > 1:
+                dist.barrier()
+            args.data, args.val_data = str(cache / "train"), args.val_data or str(cache / "val")
+        with run_folder(args.out, rank):
+            Trainer(args, rank, world, device, resume).train()
     finally:
         if world > 1:
             dist.destroy_process_group()
