@@ -62,11 +62,11 @@ import data
 import fid
 import train
 from autoencoder import KL_ARCHS, build_kl_autoencoder, load_autoencoder, save_autoencoder
-from data import atomic_output, write_json, write_npy
+from data import atomic_output, load_checkpoint, write_json, write_npy
 from lpl import NORMS, LatentPerceptualLoss
 from model import MODELS, build_model
-from sample import (latents_to_uint8, load_checkpoint, mmdit_model_fn, model_from_checkpoint, null_condition, sample,
-                    sample_share, write_samples)
+from sample import (latents_to_uint8, mmdit_model_fn, model_from_checkpoint, null_condition, sample, sample_share,
+                    write_samples)
 from schedules import Diffusion
 
 REPO = Path(__file__).resolve().parent
@@ -874,10 +874,10 @@ def benchmark_lpl(settings):
 # on the held-out photos. "cpu" is the README's run; "gpu" is sized from FLOP estimates to take under 8 minutes on
 # one H100 with three post-training seeds per arm, and has not been run yet.
 REPLICATE_PRESETS = {
-    "cpu": dict(resolution=64, model="demo", batch_size=32, lr=1e-3, pre_steps=1500, post_steps=300, seeds=[0],
-                val_samples=128, val_draws=4, samples=256),
+    "cpu": dict(resolution=64, model="demo", batch_size=32, lr=1e-3, pre_steps=1500, post_steps=1000, seeds=[0],
+                post_ema_decay=0.995, val_samples=128, val_draws=4, samples=256),
     "gpu": dict(resolution=128, model="S/2", batch_size=128, lr=3e-4, pre_steps=1500, post_steps=800,
-                seeds=[0, 1, 2], val_samples=128, val_draws=8, samples=512),
+                seeds=[0, 1, 2], post_ema_decay=0.998, val_samples=128, val_draws=8, samples=512),
 }
 REPLICATE_FIGURES = ("diffusion", "latent_mse", "psnr", "hf_error", "hf_log_ratio", "lpl")
 
@@ -890,7 +890,7 @@ def replicate_train(out, train_data, val_data, settings, seed, steps, extra=()):
         train.main(["--data", str(train_data), "--val-data", str(val_data), "--out", str(out), "--model", settings.model,
                     "--steps", str(steps), "--global-batch-size", str(settings.batch_size), "--lr", str(settings.lr),
                     "--seed", str(seed), "--vae", str(data.DEMO_VAE), "--ckpt-every", str(steps),
-                    "--log-every", str(max(1, steps // 20)), "--sample-every", "0", "--val-samples", "32",
+                    "--log-every", str(max(1, steps // 20)), "--sample-every", "0", "--val-samples", str(min(32, settings.val_samples)),
                     *map(str, extra)])
     return out / "checkpoints" / "last.pt"
 
@@ -901,7 +901,7 @@ def replicate_evaluate(path, val, ae, lpl, settings, device):
     model, diffusion = model_from_checkpoint(load_checkpoint(path), True, path)
     model.to(device)
     figures = train.evaluate(model, diffusion, val, ae, lpl, count=settings.val_samples, draws=settings.val_draws,
-                             batch_size=64, seed=0, device=device)
+                             batch_size=64, seed=0, device=device, keep_rows=True)
     images, _ = sample_share(mmdit_model_fn(model), diffusion, ae.decode, val.latent_shape, range(settings.samples),
                              seed=0, batch_size=64, steps=50, device=device)
     return figures, images
@@ -920,19 +920,34 @@ def combine_seeds(records):
     return combined
 
 
-def replicate_table(arms):
+def paired_change(base_records, lpl_records, name, level):
+    """LPL against no LPL for one figure at one level: the relative change of its mean (for hf_log_ratio, the
+    difference) and the standard error of that change. Both arms are evaluated on the same rows with the same noise,
+    so with one seed the error is over the per-row differences; with several, over the seeds' changes."""
+    changes, errors = [], []
+    for base, lpl in zip(base_records, lpl_records):
+        b, d = np.array(base["rows_of"][name][level]), np.array(lpl["rows_of"][name][level]) - \
+            np.array(base["rows_of"][name][level])
+        scale = 1.0 if name == "hf_log_ratio" else abs(b.mean()) / 100  # in percent
+        changes.append(d.mean() / scale)
+        errors.append(d.std(ddof=1) / math.sqrt(len(d)) / scale)
+    if len(changes) == 1:
+        return changes[0], errors[0]
+    return float(np.mean(changes)), float(np.std(changes, ddof=1) / math.sqrt(len(changes)))
+
+
+def replicate_table(arms, per_seed):
     """Markdown: every figure at every noise level, mean +- standard error per arm, and LPL against no LPL."""
-    rows = ["| sigma/alpha | figure | no LPL | LPL | LPL vs no LPL |", "|---|---|---|---|---|"]
+    rows = ["| sigma/alpha | figure | no LPL | LPL | LPL vs no LPL (paired) |", "|---|---|---|---|---|"]
     base, lpl = arms["base"], arms["lpl"]
     for i, level in enumerate(base["sigma_ratio"]):
         for name in REPLICATE_FIGURES:
-            values = [arm.get(name, [None] * (i + 1))[i] for arm in (base, lpl)]
-            if None in values:
+            if name not in base or base[name][i] is None:
                 continue
             shown = [f"{arm[name][i]:.4g} +- {arm[name + '_se'][i]:.2g}" for arm in (base, lpl)]
-            change = f"{values[1] - values[0]:+.4f}" if name == "hf_log_ratio" else \
-                f"{100 * (values[1] - values[0]) / abs(values[0]):+.1f}%"
-            rows.append(f"| {level:g} | {name} | {shown[0]} | {shown[1]} | {change} |")
+            change, error = paired_change(per_seed["base"], per_seed["lpl"], name, i)
+            unit = "" if name == "hf_log_ratio" else "%"
+            rows.append(f"| {level:g} | {name} | {shown[0]} | {shown[1]} | {change:+.4g}{unit} +- {error:.2g}{unit} |")
     return "\n".join(rows)
 
 
@@ -951,7 +966,8 @@ def benchmark_replicate(settings, log=print):
     for seed in settings.seeds:
         for arm, extra in (("base", []), ("lpl", ["--lpl"])):
             path = replicate_train(out / f"{arm}-seed{seed}", train_data, val_data, settings, seed,
-                                   settings.post_steps, ["--init-from", pre, *extra])
+                                   settings.post_steps, ["--init-from", pre, "--ema-decay", settings.post_ema_decay,
+                                                         *extra])
             figures, images = replicate_evaluate(path, val, ae, lpl, settings, device)
             per_seed[arm].append(figures)
             samples[arm].append(images)
@@ -966,7 +982,7 @@ def benchmark_replicate(settings, log=print):
                                                          ("samples-base", "samples-lpl", "reconstructions"))],
         plot=str(out / "spectra.png"), json=str(out / "spectra.json"), csv=None, device=str(device), batch_size=64,
         workers=0))
-    table = replicate_table(arms)
+    table = replicate_table(arms, per_seed)
     report["figures"].update(arms=arms, per_seed=per_seed, spectra_band_error=spectra["band_error"],
                              minutes=(time.perf_counter() - started) / 60, table=table)
     add_row(report, "wall time", f"{report['figures']['minutes']:.1f} minutes (pre-training, both arms, evaluation)")
@@ -1192,7 +1208,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="run folder (its finished runs are reused when rerun)")
     p.add_argument("--preset", choices=list(REPLICATE_PRESETS), default="cpu", help="sizes: cpu (README) or gpu")
     for name, kind in (("resolution", int), ("model", str), ("batch_size", int), ("lr", float), ("pre_steps", int),
-                       ("post_steps", int), ("val_samples", int), ("val_draws", int), ("samples", int)):
+                       ("post_steps", int), ("post_ema_decay", float), ("val_samples", int), ("val_draws", int),
+                       ("samples", int)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="overrides the preset's")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="post-training seeds per arm")
     p.set_defaults(json=None)  # it writes OUT/replicate.json itself

@@ -1,7 +1,8 @@
 """Everything lpl keeps on disk: the flat-file dataset (its specification, its writer `encode`, its reader that
-train.py draws batches from, the bundled demo data), image folders, and checkpoint files (written atomically;
-safetensors read and written without the safetensors package; torch.load with weights_only). autoencoder.py builds
-on these readers; the command lines below import it when they need an autoencoder.
+train.py draws batches from, the bundled demo data), image folders, checkpoint files (written atomically;
+safetensors read and written without the safetensors package; torch.load with weights_only), and train.py's
+checkpoints and run folders (one writer per folder: a lock). autoencoder.py builds on these readers; the command lines
+below import it when they need an autoencoder.
 
 A dataset is a folder (a shard), or a folder whose sub-folders are shards. A shard holds:
 
@@ -38,6 +39,7 @@ assets/; the last DEMO_VALIDATION_PHOTOS photos are held out as a validation set
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -221,6 +223,71 @@ def read_checkpoint(path):
         raise ValueError(f"{path} cannot be read: {error}") from error
     raise ValueError(f"{path} is not a checkpoint: expected a .safetensors file or a torch.save file "
                      "(.ckpt, .pt, .pth)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py's checkpoints and run folders: written atomically, read back with one-line errors, one writer per folder
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_KEYS = ("model", "ema", "model_config", "diffusion", "args", "step")  # what every train.py checkpoint holds
+
+
+def save_checkpoint(checkpoint, folder, step):
+    """OUT/checkpoints/step-N.pt written to a temporary file and renamed; last.pt a hard link renamed onto it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.pt"
+    with atomic_output(path) as temporary:
+        torch.save(checkpoint, temporary)
+    with atomic_output(folder / "last.pt") as temporary:
+        try:
+            os.link(path, temporary)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, temporary)
+    return path
+
+
+def load_checkpoint(path, flag="--ckpt", mmap=False):
+    """A train.py checkpoint as a dict of plain tensors and values (torch.load weights_only, on the CPU first: never
+    piled onto GPU 0). Any unreadable file or missing key is a one-line error naming the flag and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: {flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # torch.load raises many kinds of errors on a truncated or foreign file
+        raise SystemExit(f"error: {flag} {path} is not a readable checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint: it has no {missing}")
+    return checkpoint
+
+
+@contextlib.contextmanager
+def run_folder(out, rank):
+    """Rank 0 holds an exclusive flock on OUT/run.lock (released by the kernel if the process dies, so a stale lock
+    of a dead PID is simply taken over). A start that fails leaves no folder it created behind."""
+    out, created = Path(out), not Path(out).exists()
+    if rank != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"run folder {out} in use by PID {lock.read().strip() or '?'} (its run.lock is held)")
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        (out / "run.lock").unlink(missing_ok=True)
+        lock.close()
+        if created and not any(out.rglob("*.pt")) and not (out / "log.jsonl").exists():  # a start that failed
+            shutil.rmtree(out, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,12 +49,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from autoencoder import load_autoencoder
-from data import atomic_output
+from data import atomic_output, load_checkpoint
 from schedules import Diffusion, resolution_shift
 
 SAMPLERS = ("ddim", "euler")
 GRID_MAX_IMAGES = 64
-CHECKPOINT_KEYS = ("model", "ema", "model_config", "diffusion", "args", "step")
 
 
 def default_cfg_scale(resolution):
@@ -353,23 +352,6 @@ def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, condi
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint, labels, distributed gather
 # ----------------------------------------------------------------------------------------------------------------
-
-def load_checkpoint(path, flag="--ckpt", mmap=False):
-    """A train.py checkpoint as a dict of plain tensors and values (torch.load weights_only, on the CPU first: never
-    piled onto GPU 0). Any unreadable file or missing key is a one-line error naming the flag and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: {flag} {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # torch.load raises many kinds of errors on a truncated or foreign file
-        raise SystemExit(f"error: {flag} {path} is not a readable checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint: it has no {missing}")
-    return checkpoint
-
 
 def model_from_checkpoint(checkpoint, ema, path):
     """(MMDiT with the "ema" or "model" weights, Diffusion) of a train.py checkpoint."""

@@ -1547,18 +1547,7 @@ def old_layer_term(phi, phi_hat, rho):
     return (rho.float() * squared).mean(dim=(2, 3)).sum(dim=1) / phi.shape[1]
 
 
-def saved_for_backward(fn):
-    """Bytes autograd saves for the backward pass while fn() runs (each tensor once)."""
-    saved = {}
-
-    def pack(tensor):
-        saved[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)] = \
-            tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(saved.values())
+saved_for_backward = bench.saved_bytes  # bytes autograd keeps for the backward pass while fn() runs
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 11])
@@ -2599,10 +2588,18 @@ def test_checkpoint_holds_plain_state(short_run):
     assert_same(load(short_run / "checkpoints" / "step-0000005.pt"), checkpoint)
 
 
-def test_demo_runs_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`python train.py --lpl` shortened to 2 steps (LPL from step 1, 4 validation rows): its folder's parent, which
+    also holds the demo's encoded datasets (demo-cache/), reused by the replicate test."""
+    root = tmp_path_factory.mktemp("demo-root")
+    train.main(["--lpl", "--steps", "2", "--lpl-start", "1", "--val-samples", "4", "--out", str(root / "demo")])
+    return root
+
+
+def test_demo_runs_end_to_end(demo_run):
     """`python train.py --lpl` with no data: the bundled photos, encoded by the bundled taef2, trained on and held out."""
-    out = tmp_path / "demo"
-    train.main(["--lpl", "--steps", "2", "--lpl-start", "1", "--val-samples", "4", "--out", str(out)])
+    out, tmp_path = demo_run / "demo", demo_run
     records = read_log(out)
     training = [record for record in records if "eval" not in record]
     assert [record["step"] for record in training] == [1, 2]  # a log line when LPL switches on, then the last step
@@ -3670,3 +3667,40 @@ def test_vae_arch_sets_the_latent_channels_of_data_and_flop_counts():
     assert bench.latent_shape_of(settings) == (16, 8, 8)
     forward, _ = bench.decoder_flops("sd3", 32, (16, 8, 8), 5)
     assert forward > bench.decoder_flops("sdxl", 32, (4, 8, 8), 5)[0]  # no quant conv, but 16 input channels
+
+
+# -- replicate: the A/B of LPL post-training ------------------------------------------------------
+
+def test_paired_change_is_over_rows_with_one_seed_and_over_seeds_with_several():
+    def record(rows):
+        return {"rows_of": {"hf_error": [rows]}}
+    base, lpl = record([1.0, 2.0, 3.0]), record([0.9, 1.9, 2.6])  # differences -0.1, -0.1, -0.4; base mean 2
+    change, error = bench.paired_change([base], [lpl], "hf_error", 0)
+    assert change == pytest.approx(-10.0) and error == pytest.approx(np.std([-0.1, -0.1, -0.4], ddof=1) / 3 ** 0.5 * 50)
+    change, error = bench.paired_change([base, base], [lpl, record([1.0, 2.0, 3.0])], "hf_error", 0)
+    assert change == pytest.approx(-5.0) and error == pytest.approx(5.0)  # seeds' changes -10% and 0%
+    logs = [{"rows_of": {"hf_log_ratio": [[-0.2, -0.1]]}}, {"rows_of": {"hf_log_ratio": [[-0.1, 0.0]]}}]
+    assert bench.paired_change(logs[:1], logs[1:], "hf_log_ratio", 0)[0] == pytest.approx(0.1)  # a difference
+
+
+def test_replicate_trains_both_arms_from_one_checkpoint_and_compares_them(demo_run, tmp_path):
+    """`python bench.py replicate` at a few steps: pre-training, two post-trainings from its checkpoint, the
+    evaluation of both on the held-out photos, the spectra of their samples, the table."""
+    out = tmp_path / "ab"
+    shutil.copytree(demo_run / "demo-cache", out / "data")  # the demo's encoded crops: no second encoding
+    report = bench.main(["replicate", "--out", str(out), "--pre-steps", "2", "--post-steps", "2", "--val-samples", "4",
+                         "--val-draws", "2", "--samples", "4"])
+    pre = load(out / "pre" / "checkpoints" / "last.pt")
+    for arm in ("base", "lpl"):
+        checkpoint = load(out / f"{arm}-seed0" / "checkpoints" / "last.pt")
+        assert checkpoint["args"]["init_from"] == str(out / "pre" / "checkpoints" / "last.pt")
+        assert checkpoint["args"]["lpl"] is (arm == "lpl") and checkpoint["args"]["ema_decay"] == 0.995
+        assert not all(torch.equal(checkpoint["model"][k], pre["model"][k]) for k in pre["model"])
+    arms = report["figures"]["arms"]
+    assert arms["base"]["rows"] == arms["lpl"]["rows"] == 4 and arms["base"]["draws"] == 2
+    assert arms["base"]["psnr"] != arms["lpl"]["psnr"]  # two different models, evaluated alike
+    table = (out / "replicate.md").read_text()
+    assert table.count("| hf_error |") == len(train.VAL_LEVELS) and table.count("| lpl |") == 3  # tau = 1 at 64 px
+    spectra = json.loads((out / "spectra.json").read_text())
+    assert set(spectra["band_error"]) == {"samples-base.npz", "samples-lpl.npz", "reconstructions.npz"}
+    assert Image.open(out / "spectra.png").size[0] > 0

@@ -21,11 +21,8 @@ sample grids from the EMA in OUT/samples/ when there is a decoder. OUT is locked
 import argparse
 import contextlib
 import copy
-import fcntl
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -35,13 +32,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import atomic_output, fail
+from data import atomic_output, fail, load_checkpoint, run_folder, save_checkpoint
 from autoencoder import load_autoencoder
 from fid import upper_octave_log_ratio
 from lpl import NORMS, LatentPerceptualLoss
 from model import MODELS, build_model
-from sample import (default_cfg_scale, latents_to_uint8, load_checkpoint, mmdit_model_fn, null_condition, sample,
-                    save_grid, setup_distributed)
+from sample import (default_cfg_scale, latents_to_uint8, mmdit_model_fn, null_condition, sample, save_grid,
+                    setup_distributed)
 from schedules import OBJECTIVES, Diffusion
 
 CFG_DROPOUT = 0.1  # fraction of labels / contexts replaced by the null condition (classifier-free guidance)
@@ -50,8 +47,8 @@ VAL_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 12.0)  # sigma/alpha of the validat
 RESUME_MUST_MATCH = ("model", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
                      "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_depth_weights", "lpl_start",
                      "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift")
-DEMO = dict(model="demo", steps=600, global_batch_size=32, lr=1e-3, lpl_start=300, ckpt_every=300, log_every=20,
-            eval_every=300, val_samples=64)  # python train.py [--lpl]: ~3 minutes on 2 CPU cores
+DEMO = dict(model="demo", steps=600, global_batch_size=32, lr=1e-3, lpl_start=400, ckpt_every=300, log_every=20,
+            eval_every=600, val_samples=64)  # python train.py [--lpl]: ~3.5 minutes on 2 CPU cores
 REAL = dict(model="XL/2", steps=400_000, global_batch_size=256, lr=1e-4, lpl_start=0, ckpt_every=50_000,
             log_every=100, eval_every=None, val_samples=256)
 
@@ -96,7 +93,7 @@ def build_parser():
                    help="features the outlier mask is computed from (Eq. 3: the prediction's)")
     g.add_argument("--lpl-depth-weights", choices=("resolution", "uniform"), default="resolution",
                    help="omega_l = r_1/r_l, or 1 for every layer (ablation)")
-    g.add_argument("--lpl-start", type=int, help=f"step at which LPL switches on (Table 4; {real} 0, {demo} 300)")
+    g.add_argument("--lpl-start", type=int, help=f"step at which LPL switches on (Table 4; {real} 0, {demo} 400)")
     g.add_argument("--lpl-max-samples", type=int, help="per rank: LPL on at most this many gated samples (unbiased)")
     g.add_argument("--lpl-checkpointing", action="store_true", help="activation checkpointing of the decoder")
     g.add_argument("--lpl-compile", action="store_true", help="torch.compile the decoder (dynamic gated batch)")
@@ -109,7 +106,7 @@ def build_parser():
     g.add_argument("--resume", help="checkpoint to continue bit-exactly ('last': OUT/checkpoints/last.pt)")
     g.add_argument("--init-from", help="checkpoint whose weights (model and EMA) start a new run; any resolution")
     g.add_argument("--val-data", help="flat-file validation set (demo: the held-out photos)")
-    g.add_argument("--eval-every", type=int, help="validation period (default --ckpt-every; demo 300)")
+    g.add_argument("--eval-every", type=int, help="validation period (default --ckpt-every; demo 600)")
     g.add_argument("--val-samples", type=int, help=f"validation rows used, the first ones ({real} 256, {demo} 64)")
     g.add_argument("--val-draws", type=int, default=1, help="noise draws per validation row and level")
     return p
@@ -158,53 +155,8 @@ def check_resume_args(checkpoint, args, path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run folder has one writer: a lock held by rank 0 for the run's life
+# The EMA, and the weights checksum that compares DDP replicas
 # ----------------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def run_folder(out, rank):
-    """Rank 0 holds an exclusive flock on OUT/run.lock (released by the kernel if the process dies, so a stale lock
-    of a dead PID is simply taken over). A start that fails leaves no folder it created behind."""
-    out, created = Path(out), not Path(out).exists()
-    if rank != 0:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / "run.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        fail(f"run folder {out} in use by PID {lock.read().strip() or '?'} (its run.lock is held)")
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        yield
-    finally:
-        (out / "run.lock").unlink(missing_ok=True)
-        lock.close()
-        if created and not any(out.rglob("*.pt")) and not (out / "log.jsonl").exists():  # a start that failed
-            shutil.rmtree(out, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and the EMA
-# ----------------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(checkpoint, folder, step):
-    """OUT/checkpoints/step-N.pt written to a temporary file and renamed; last.pt a hard link renamed onto it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:07d}.pt"
-    with atomic_output(path) as temporary:
-        torch.save(checkpoint, temporary)
-    with atomic_output(folder / "last.pt") as temporary:
-        try:
-            os.link(path, temporary)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, temporary)
-    return path
-
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
@@ -231,13 +183,14 @@ def weights_checksum(tensors):
 
 @torch.no_grad()
 def evaluate(model, diffusion, val, ae=None, lpl=None, levels=VAL_LEVELS, count=64, draws=1, batch_size=32,
-             seed=0, device="cpu", autocast_dtype=None):
+             seed=0, device="cpu", autocast_dtype=None, keep_rows=False):
     """For each sigma/alpha in `levels` and the first `count` rows of `val` (no flips, null condition), with noise
     from its own generator (seed, draw): the diffusion loss, the latent MSE of z0_hat and, with an autoencoder,
     decoded z0_hat against decoded z0: PSNR (dB, peak-to-peak 2), and the upper octave of the radial power spectrum
     as log10 P(x0_hat) / P(x0) (fid.upper_octave_log_ratio), its mean ("hf_log_ratio": < 0 is missing detail) and
-    its mean absolute value ("hf_error"); with LPL, its distance with the gate open (mean over rows). Each figure is
-    a mean over rows of the per-row mean over draws; "<name>_se" is its standard error over rows."""
+    its mean absolute value ("hf_error"); with LPL, its value at the levels its gate admits (None at the others). Each
+    figure is a mean over rows of the per-row mean over draws; "<name>_se" is its standard error over rows;
+    keep_rows: also the per-row means, record["rows_of"][name][level] (for paired comparisons)."""
     model_fn, rows, device = mmdit_model_fn(model), list(range(min(count, val.count))), torch.device(device)
     z0_all, cond_all = val.get(rows)
     if cond_all is not None:
@@ -262,9 +215,9 @@ def evaluate(model, diffusion, val, ae=None, lpl=None, levels=VAL_LEVELS, count=
                     figures["psnr"] = 10 * torch.log10(4 / (x0_hat.clamp(-1, 1) - x0).square().mean((1, 2, 3)))
                     log_ratio = upper_octave_log_ratio(x0_hat.clamp(-1, 1), x0.clamp(-1, 1))
                     figures.update(hf_log_ratio=log_ratio.mean(1), hf_error=log_ratio.abs().mean(1))
-                if lpl is not None and level <= lpl.tau(val.resolution):  # the levels where LPL acts
-                    ratio, generator = torch.full((len(z0),), level), torch.Generator().manual_seed(draw)
-                    figures["lpl"] = lpl(z0_hat, z0, ratio, generator)[0].expand(len(z0))
+                if lpl is not None and level <= lpl.tau(val.resolution):  # per row, where the gate lets LPL act
+                    phi, phi_hat = lpl.features(z0_hat, z0)
+                    figures["lpl"] = torch.stack(lpl.layer_terms(phi, phi_hat, lpl.masks(phi, phi_hat))).sum(0)
                 for name, value in figures.items():
                     total = per_row.setdefault(name, torch.zeros(len(levels), len(rows), dtype=torch.float64))
                     total[i, start: start + len(z0)] += value.double().cpu()
@@ -275,6 +228,8 @@ def evaluate(model, diffusion, val, ae=None, lpl=None, levels=VAL_LEVELS, count=
         acts = [name != "lpl" or level <= lpl.tau(val.resolution) for level in levels]  # None where LPL does not
         record[name] = [m if a else None for m, a in zip(mean.mean(1).tolist(), acts)]
         record[f"{name}_se"] = [s if a else None for s, a in zip(se.tolist(), acts)]
+    if keep_rows:
+        record["rows_of"] = {name: (total / draws).tolist() for name, total in per_row.items()}
     return record
 
 
@@ -619,8 +574,9 @@ def main(argv=None):
     args.vae_dtype = args.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    demo = args.data is None
     try:
-        if args.data is None:  # the demo: rank 0 builds (or reuses) the datasets, the others wait
+        if demo:  # rank 0 builds (or reuses) the datasets from assets/, the others wait
             cache = Path(args.out).parent / "demo-cache"
             if rank == 0:
                 data.build_demo_data(cache)
@@ -629,6 +585,9 @@ def main(argv=None):
             args.data, args.val_data = str(cache / "train"), args.val_data or str(cache / "val")
         with run_folder(args.out, rank):
             Trainer(args, rank, world, device, resume).train()
+        if demo and rank == 0:
+            print(f"demo finished: {args.out}/log.jsonl (validation lines: \"eval\"), {args.out}/samples/. A toy run with a "
+                  "real decoder, not a result: README.md, 'The demo' and 'Evidence'")
     finally:
         if world > 1:
             dist.destroy_process_group()
