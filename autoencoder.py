@@ -17,9 +17,9 @@ Not supported, being other architectures rather than other key names: VQ autoenc
 encoder and decoder), DC-AE (deep compression, f32+), consistency decoders, the causal 3D video VAEs (Wan, Hunyuan,
 Qwen-Image). A file that is truncated, corrupt or not a checkpoint gives one ValueError line naming it.
 
-Checkpoint files are read by data.py (safetensors without the safetensors package, torch.load weights_only), which
-also holds the command lines: `python data.py encode` (image folder -> flat files) and `python data.py roundtrip`
-(one image through the autoencoder, prints the PSNR; `python autoencoder.py encode|roundtrip` is the same).
+Checkpoint files are read by runtime.py (safetensors without the safetensors package, torch.load weights_only).
+`python autoencoder.py VAE` prints what the loader understood; datasets are encoded by `python data.py encode` and
+`python data.py roundtrip` sends one image through the autoencoder.
 
 In Python (all images in [-1, 1], all latents scaled: z_scaled = (z - shift_factor) * scaling_factor):
 
@@ -30,6 +30,7 @@ In Python (all images in [-1, 1], all latents scaled: z_scaled = (z - shift_fact
     images = ae.decode(z)
 """
 
+import argparse
 import functools
 import json
 import math
@@ -44,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import read_checkpoint, save_safetensors
+from runtime import one_line_errors, read_checkpoint, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------------
 # Known latent spaces
@@ -962,9 +963,23 @@ def load_autoencoder(path, device=None, dtype=None, scaling_factor=None, shift_f
 
 
 def main(argv=None):
-    """`python autoencoder.py encode|roundtrip ...`: the command lines live in data.py; this spelling keeps working."""
-    from data import main as data_main
-    return data_main(argv)
+    """`python autoencoder.py VAE [VAE ...]`: load an autoencoder and print what the loader understood (key format,
+    sizes, latent space, weights not used) and the shapes of the decoder's feature taps, LPL's phi_l."""
+    parser = argparse.ArgumentParser(description=main.__doc__ + " Datasets are encoded by `python data.py encode`, "
+                                     "one image goes through the autoencoder with `python data.py roundtrip`.")
+    parser.add_argument("vae", nargs="+", type=Path, help="checkpoint(s) or a diffusers folder")
+    parser.add_argument("--vae-family", choices=list(FAMILIES), default=None, help="latent space (default: detected)")
+    parser.add_argument("--resolution", type=int, default=256, help="image side for the shapes of the taps")
+    args = parser.parse_args(argv)
+    with one_line_errors("autoencoder.py: ", also=(ValueError, OSError)):
+        ae = load_autoencoder(args.vae, family=args.vae_family)
+    if ae.has_decoder:
+        side = args.resolution // ae.downsample
+        with torch.no_grad():
+            taps = ae.decoder_features(torch.zeros(1, ae.latent_channels, side, side), ae.num_feature_blocks)
+        print(f"decoder taps at {args.resolution} px (channels, height, width): "
+              + ", ".join(str(tuple(tap.shape[1:])) for tap in taps))
+    return ae
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@
     python bench.py lpl-subbatch --resolution 256 --batch-size 32 --max-samples 4 8 16 --repeats 16
     python bench.py lpl --vae-arch sdxl --resolution 256 --gated 24 --lpl-blocks 5 --dtype bf16 [--checkpointing] \\
         [--compile] [--exact-quantiles] [--json lpl.json]  # LPL alone: time per part, saved-for-backward bytes
-    python bench.py suite --out bench-gpu                 # everything above at the paper's settings, + a torchrun smoke
-    python bench.py suite --out bench-cpu --tiny          # the same at CPU scale, in under a minute
+    python suite.py --out bench-gpu                       # all of them at the paper's settings (the GPU check)
 
-The CPU figures of the README (OMP_NUM_THREADS=1: one core, so that they can be compared):
+At CPU scale (OMP_NUM_THREADS=1: one core, so that the figures can be compared):
 
     python bench.py train --model S/2 --resolution 64 --batch-size 8 --vae-arch sdxl --vae-ch 32 --warmup 2 --steps 5
     python bench.py train ... --lpl-checkpointing         # also: --lpl-blocks 4, --lpl-max-samples 2
@@ -22,9 +21,9 @@ The CPU figures of the README (OMP_NUM_THREADS=1: one core, so that they can be 
 
 `train` times the real optimiser step of train.py (Trainer.train_step: MMDiT forward, LPL, backward, clipping, fused
 AdamW on CUDA, EMA) on a synthetic flat-file dataset and a random-weight decoder saved and loaded as train.py does:
-first without LPL, then each LPL variant, each a fresh Trainer from the same seed fed the same pre-drawn batches (data,
-times, noise). Weights are random: throughput does not depend on their values. The samples LPL decodes per step are
-read from its `decoded_fraction` statistic (no host-device sync).
+first without LPL, then each LPL variant, each a fresh Trainer from the same seed fed the same pre-drawn batches
+(data, times, noise). Weights are random: throughput does not depend on their values. The samples LPL decodes per
+step are read from its `decoded_fraction` statistic (no host-device sync).
 
 FLOPs are counted from shapes, never timed: the MMDiT's with model.flops_per_forward (exact matmul count; a training
 step is 3 forwards), the decoder's with torch.utils.flop_counter.FlopCounterMode on one latent on the meta device,
@@ -37,17 +36,15 @@ from checkpointing is not counted. Peak memory is CUDA's max_memory_allocated ov
 """
 
 import argparse
+import functools
 import gc
 import json
 import math
 import platform
 import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -58,18 +55,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
 import fid
 import train
-from autoencoder import KL_ARCHS, build_kl_autoencoder, load_autoencoder, save_autoencoder
-from data import atomic_output, load_checkpoint, write_json, write_npy
-from lpl import NORMS, LatentPerceptualLoss
+from autoencoder import KL_ARCHS, build_kl_autoencoder, save_autoencoder
+from lpl import MASK_SOURCES, NORMS, LatentPerceptualLoss
 from model import MODELS, build_model
-from sample import (latents_to_uint8, mmdit_model_fn, model_from_checkpoint, null_condition, sample, sample_share,
-                    write_samples)
+from runtime import UserError, one_line_errors, write_json, write_npy, write_text
+from sample import mmdit_model_fn, null_condition, sample, sample_share
 from schedules import Diffusion
 
-REPO = Path(__file__).resolve().parent
 IMAGENET_CLASSES = 1000  # the synthetic datasets are class-conditional, like the paper's ImageNet models
 PREDICTION_ERROR = 0.1  # lpl-subbatch: std of the stand-in network's eps error (z0_hat = x0_from_pred(eps + 0.1 n))
 GATE_SAMPLES = 2 ** 20  # Monte Carlo draws of t for the expected gated fraction
@@ -146,23 +140,34 @@ def configure_backends(device):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mark(device):
+    """A point in time: a CUDA event on a GPU (read after one synchronisation at the end), perf_counter on the CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(start, end):
+    return start.elapsed_time(end) / 1000 if isinstance(start, torch.cuda.Event) else end - start
+
+
 def lap_times(fn, count, device):
     """Seconds of each of `count` calls of fn: CUDA events between calls on a GPU (no synchronisation until the
     end, so the host runs ahead as in training), time.perf_counter on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
-        events[0].record()
-        for event in events[1:]:
-            fn()
-            event.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) / 1000 for start, end in zip(events, events[1:])]
-    marks = [time.perf_counter()]
+    synchronize(device)
+    marks = [mark(device)]
     for _ in range(count):
         fn()
-        marks.append(time.perf_counter())
-    return np.diff(marks).tolist()
+        marks.append(mark(device))
+    synchronize(device)
+    return [seconds_between(start, end) for start, end in zip(marks, marks[1:])]
 
 
 def free_memory(device):
@@ -183,6 +188,10 @@ def peak_memory_gib(device):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def torch_dtype(dtype):
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,13 +254,20 @@ def target(name, value, goal, higher_is_better, unit="x", why_not="not measurabl
     return dict(name=name, value=value, goal=goal, status="PASS" if passed else "MISS", text=text)
 
 
-def command_line(argv):
-    return "python bench.py " + shlex.join(argv)
+def command_line(argv, program="bench.py"):
+    return f"python {program} " + shlex.join(argv)
 
 
-def new_report(kind, argv, device, settings):
-    return dict(kind=kind, command=command_line(argv), environment=environment(device), settings=settings,
+def new_report(kind, argv, device, settings, program="bench.py"):
+    return dict(kind=kind, command=command_line(argv, program), environment=environment(device), settings=settings,
                 figures={}, rows=[], targets=[])
+
+
+def start_report(kind, settings):
+    """(device, report) of a benchmark: TF32 as train.py sets it, and a report citing the exact command."""
+    device = default_device()
+    configure_backends(device)
+    return device, new_report(kind, settings.argv, device, settings_dict(settings))
 
 
 def add_row(report, label, text):
@@ -266,12 +282,6 @@ def format_report(report):
     width = max((len(label) for label, _ in report["rows"]), default=0)
     rows = [f"   {label:<{width}}  {text}" for label, text in report["rows"]]
     return "\n".join(header + rows + [f"   {t['text']}" for t in report["targets"]])
-
-
-def write_text_atomically(path, text):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary:
-        temporary.write_text(text)
 
 
 def json_ready(value):
@@ -298,10 +308,11 @@ def write_synthetic_dataset(folder, count, latent_shape, seed=0):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    write_npy(folder / "latents.npy", rng.standard_normal((count, *latent_shape), dtype=np.float32).astype(np.float16))
+    latents = rng.standard_normal((count, *latent_shape), dtype=np.float32)
+    write_npy(folder / "latents.npy", latents.astype(np.float16))
     write_npy(folder / "labels.npy", (np.arange(count) % IMAGENET_CLASSES).astype(np.int64))
-    write_json(folder / "meta.json", dict(autoencoder="random (bench.py)", resolution=latent_shape[-1] * 8, count=count,
-                                          class_names=[f"class{i}" for i in range(IMAGENET_CLASSES)],
+    write_json(folder / "meta.json", dict(autoencoder="random (bench.py)", resolution=latent_shape[-1] * 8,
+                                          count=count, class_names=[f"class{i}" for i in range(IMAGENET_CLASSES)],
                                           source="bench.py: N(0, 1) latents"))
     return folder
 
@@ -316,6 +327,12 @@ def save_random_decoder(path, vae_arch, vae_ch, seed=0):
     return path
 
 
+def random_autoencoder(settings, device):
+    """A random KL autoencoder of the settings' layout (seeded), on the device in the benchmark's dtype."""
+    torch.manual_seed(settings.seed)
+    return build_kl_autoencoder(settings.vae_arch, ch=settings.vae_ch).to(device, torch_dtype(settings.dtype))
+
+
 def latent_shape_of(settings):
     return KL_ARCHS[settings.vae_arch]["z_channels"], settings.resolution // 8, settings.resolution // 8
 
@@ -327,10 +344,10 @@ def latent_shape_of(settings):
 LPL_FLAGS = ("lpl_blocks", "lpl_threshold", "lpl_max_samples", "lpl_checkpointing", "lpl_compile")
 
 
-def train_argv(settings, data, vae, out, steps=1_000_000, lpl=True):
+def train_argv(settings, dataset, vae, out, steps=1_000_000, lpl=True):
     """The train.py command line of these settings (the Trainer is built from it, and the torchrun smoke runs it).
     The baseline loads the decoder too (--vae without --lpl): every run holds the same weights in memory."""
-    argv = ["--data", str(data), "--out", str(out), "--model", settings.model, "--steps", str(steps),
+    argv = ["--data", str(dataset), "--out", str(out), "--model", settings.model, "--steps", str(steps),
             "--global-batch-size", str(settings.batch_size), "--precision", settings.dtype,
             "--vae-dtype", settings.dtype, "--vae", str(vae), "--seed", str(settings.seed)]
     argv += ["--compile"] * settings.compile + ["--checkpointing"] * settings.checkpointing
@@ -341,8 +358,8 @@ def train_argv(settings, data, vae, out, steps=1_000_000, lpl=True):
     return argv
 
 
-def build_trainer(settings, data, vae, out, lpl):
-    args = train.check_args(train.parse_args(train_argv(settings, data, vae, out, lpl=lpl)))
+def build_trainer(settings, dataset, vae, out, lpl):
+    args = train.check_args(train.parse_args(train_argv(settings, dataset, vae, out, lpl=lpl)))
     return train.Trainer(args, 0, 1, default_device())
 
 
@@ -425,16 +442,14 @@ def variant_settings(settings, flags):
 def benchmark_train(settings, variant_flags=((),), log=print):
     """Runs: no LPL, then LPL for each variant (extra flags over `settings`), each a fresh train.py Trainer (the
     same seed: the same initial weights) fed the same pre-drawn batches (data, t, noise). Returns the report."""
-    device = default_device()
-    configure_backends(device)
-    report = new_report("train", settings.argv, device, settings_dict(settings))
+    device, report = start_report("train", settings)
     figures, latent_shape = report["figures"], latent_shape_of(settings)
     variants, runs, batches = [variant_settings(settings, flags) for flags in variant_flags], [], None
     with tempfile.TemporaryDirectory(prefix="lpl-bench-") as tmp:
-        data = write_synthetic_dataset(Path(tmp) / "data", 4 * settings.batch_size, latent_shape, settings.seed)
+        dataset = write_synthetic_dataset(Path(tmp) / "data", 4 * settings.batch_size, latent_shape, settings.seed)
         vae = save_random_decoder(Path(tmp) / "vae.safetensors", settings.vae_arch, settings.vae_ch, settings.seed)
         for variant in [None, *variants]:
-            trainer = build_trainer(variant or settings, data, vae, Path(tmp) / "run", lpl=variant is not None)
+            trainer = build_trainer(variant or settings, dataset, vae, Path(tmp) / "run", lpl=variant is not None)
             if batches is None:  # drawn once, by the baseline's Trainer: every run sees the same steps
                 batches = [trainer.next_batches() for _ in range(settings.warmup + settings.steps)]
                 figures.update(flash_attention=flash_attention_check(trainer, latent_shape, settings.dtype),
@@ -442,9 +457,10 @@ def benchmark_train(settings, variant_flags=((),), log=print):
                                decoder_weights_gib=sum(p.numel() * p.element_size()
                                                        for p in trainer.ae.parameters()) / 2 ** 30)
             runs.append(measure_run(trainer, batches, settings, variant, log))
-            if variant is None or (variant is variants[0] and "error" not in runs[-1]):
-                figures["syncs_per_step_with" + ("out" if variant is None else "") + "_lpl"] = \
-                    syncs_per_step(trainer, batches[-1])
+            if variant is None:
+                figures["syncs_per_step_without_lpl"] = syncs_per_step(trainer, batches[-1])
+            elif variant is variants[0] and "error" not in runs[-1]:
+                figures["syncs_per_step_with_lpl"] = syncs_per_step(trainer, batches[-1])
             del trainer
             free_memory(device)
     summarize_train(report, settings, variants, runs)
@@ -559,12 +575,9 @@ def synthetic_statistics(dim, seed=0):
 
 def best_time(fn, repeats):
     """(fastest wall-clock seconds of `repeats` calls, the last result)."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+    results = []
+    times = lap_times(lambda: results.append(fn()), repeats, torch.device("cpu"))
+    return min(times), results[-1]
 
 
 def benchmark_fid(settings):
@@ -595,8 +608,9 @@ def benchmark_fid(settings):
     times = lap_times(lambda: fid.inception_features(model, images, device), settings.inception_iters, device)
     throughput = settings.inception_batch / float(np.mean(times))
     figures.update(inception_images_per_s=throughput)
-    add_row(report, "Inception features", f"{throughput:.1f} img/s (256 px uint8 -> 299 px -> 2048-d, float32, batch "
-                                          f"{settings.inception_batch}; random weights: the speed does not depend on them)")
+    add_row(report, "Inception features", f"{throughput:.1f} img/s (256 px uint8 -> 299 px -> 2048-d, float32, "
+                                          f"batch {settings.inception_batch}; random weights: the speed does not "
+                                          "depend on them)")
     return report
 
 
@@ -605,9 +619,7 @@ def benchmark_fid(settings):
 # ----------------------------------------------------------------------------------------------------------------
 
 def benchmark_sample(settings):
-    device = default_device()
-    configure_backends(device)
-    report = new_report("sample", settings.argv, device, settings_dict(settings))
+    device, report = start_report("sample", settings)
     figures, batch = report["figures"], settings.batch_size
     latent_shape = latent_shape_of(settings)
     torch.manual_seed(settings.seed)
@@ -622,7 +634,8 @@ def benchmark_sample(settings):
 
     def run(steps):
         with autocast(device, settings.dtype):
-            return sample(model_fn, diffusion, noise, steps=steps, cfg_scale=settings.cfg, cond=labels, null_cond=null)
+            return sample(model_fn, diffusion, noise, steps=steps, cfg_scale=settings.cfg, cond=labels,
+                          null_cond=null)
 
     run(SAMPLE_WARMUP_STEPS)
     model_s = float(np.median(lap_times(lambda: run(settings.steps), SAMPLE_REPEATS, device)))
@@ -642,16 +655,14 @@ def benchmark_sample(settings):
 
 def decode_benchmark(report, settings, model_fn, model, diffusion, latent_shape, device):
     """sample.py's own path, sample_share: noise per sample, DDIM, decode, uint8."""
-    torch.manual_seed(settings.seed)
-    precision = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
-    ae = build_kl_autoencoder(settings.vae_arch, ch=settings.vae_ch).to(device, precision)
+    ae, precision = random_autoencoder(settings, device), torch_dtype(settings.dtype)
     conditions = np.arange(settings.batch_size) % IMAGENET_CLASSES
 
     def run(steps, count):
         return sample_share(model_fn, diffusion, lambda z: ae.decode(z.to(precision)), latent_shape, range(count),
                             settings.seed, conditions, lambda cond: null_condition(model, cond), settings.batch_size,
                             steps, None, settings.cfg, 0.0, device,
-                            autocast_dtype=torch.bfloat16 if settings.dtype == "bf16" else None)
+                            autocast_dtype=precision if settings.dtype == "bf16" else None)
 
     run(SAMPLE_WARMUP_STEPS, settings.batch_size)
     seconds = float(np.median(lap_times(lambda: run(settings.steps, settings.batch_size), SAMPLE_REPEATS, device)))
@@ -687,12 +698,8 @@ def lpl_value_and_gradient(lpl, z0_hat, z0, ratio, dtype, generator=None):
 
 
 def benchmark_lpl_subbatch(settings):
-    device = default_device()
-    configure_backends(device)
-    report = new_report("lpl-subbatch", settings.argv, device, settings_dict(settings))
-    torch.manual_seed(settings.seed)
-    precision = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
-    ae = build_kl_autoencoder(settings.vae_arch, ch=settings.vae_ch).to(device, precision)
+    device, report = start_report("lpl-subbatch", settings)
+    ae = random_autoencoder(settings, device)
     z0_hat, z0, ratio = subbatch_inputs(settings, ae, device)
 
     def lpl_of(max_samples):
@@ -702,8 +709,8 @@ def benchmark_lpl_subbatch(settings):
     full = lpl_of(None)
     gated = len(full.gate(ratio, settings.resolution)[0])
     if gated == 0:
-        raise SystemExit(f"bench.py lpl-subbatch: no sample of the batch passes the gate (tau "
-                         f"{full.tau(settings.resolution):g}); raise --batch-size or --lpl-threshold, or change --seed")
+        raise UserError(f"no sample of the batch passes the gate (tau {full.tau(settings.resolution):g}); raise "
+                        "--batch-size or --lpl-threshold, or change --seed")
     lpl_value_and_gradient(full, z0_hat, z0, ratio, settings.dtype)  # warm-up
     results = {}
     full_s = float(np.mean(lap_times(lambda: results.update(full=lpl_value_and_gradient(
@@ -738,19 +745,6 @@ def benchmark_lpl_subbatch(settings):
 # ----------------------------------------------------------------------------------------------------------------
 # lpl: LPL's forward and backward alone, part by part, and what its terms keep for the backward pass
 # ----------------------------------------------------------------------------------------------------------------
-
-def mark(device):
-    """A point in time: a CUDA event on a GPU (read after one synchronisation at the end), perf_counter on the CPU."""
-    if device.type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def seconds_between(start, end):
-    return start.elapsed_time(end) / 1000 if isinstance(start, torch.cuda.Event) else end - start
-
 
 LPL_PARTS = ("decoder forward, both branches", "outlier masks", "normalisation and terms", "backward")
 
@@ -803,13 +797,8 @@ def benchmark_lpl(settings):
     """LPL on `gated` samples that all pass the gate: the median time of each part over the timed repeats (marks
     between parts: CUDA events on a GPU, so the parts queue as in training), the whole step timed without marks,
     peak memory, and the bytes each layer's term keeps for the backward pass. Medians: a shared CPU has outliers."""
-    device = default_device()
-    configure_backends(device)
-    report = new_report("lpl", settings.argv, device, settings_dict(settings))
-    figures = report["figures"]
-    torch.manual_seed(settings.seed)
-    precision = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
-    ae = build_kl_autoencoder(settings.vae_arch, ch=settings.vae_ch).to(device, precision)
+    device, report = start_report("lpl", settings)
+    figures, ae = report["figures"], random_autoencoder(settings, device)
     exact = dict(quantile_samples=None) if settings.exact_quantiles else {}  # else lpl.py's default
     lpl = LatentPerceptualLoss(ae, n_blocks=settings.lpl_blocks, norm=settings.norm, mask_from=settings.mask_from,
                                checkpointing=settings.checkpointing, compile=settings.compile, **exact)
@@ -818,13 +807,7 @@ def benchmark_lpl(settings):
     z0 = torch.randn(shape, generator=generator).to(device)
     z0_hat = z0 + PREDICTION_ERROR * torch.randn(shape, generator=generator).to(device)
     ratio = torch.zeros(settings.gated)  # sigma/alpha = 0: every sample passes the gate
-
-    def step():
-        z = z0_hat.clone().requires_grad_(True)
-        with autocast(device, settings.dtype):
-            loss, _ = lpl(z, z0, ratio)
-        loss.backward()
-
+    step = functools.partial(lpl_value_and_gradient, lpl, z0_hat, z0, ratio, settings.dtype)
     for _ in range(settings.warmup):  # with --compile, the first call compiles
         step()
     free_memory(device)
@@ -832,8 +815,7 @@ def benchmark_lpl(settings):
     step_s = float(np.median(lap_times(step, settings.repeats, device)))
     peak = peak_memory_gib(device)
     runs = [lpl_parts(lpl, z0_hat, z0, settings.dtype) for _ in range(settings.repeats)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     parts = {name: float(np.median([seconds_between(marks[i], marks[i + 1]) for marks in runs]))
              for i, name in enumerate(LPL_PARTS)}
     decoder, layers, shapes = lpl_saved_bytes(lpl, z0_hat, z0, settings.dtype)
@@ -841,15 +823,17 @@ def benchmark_lpl(settings):
     figures.update(step_s=step_s, parts_s=parts, peak_gib=peak, decoder_saved_bytes=decoder,
                    layer_saved_bytes=layers, layer_shapes=shapes, decoder_forward_flops=forward,
                    decoder_backward_flops=backward)
-    quantiles = "exact quantiles" if settings.exact_quantiles else f"quantiles of {lpl.quantile_samples} pixels per map"
+    quantiles = f"quantiles of {lpl.quantile_samples} pixels per map"
+    if settings.exact_quantiles:
+        quantiles = "exact quantiles"
     options = [settings.dtype, f"norm {settings.norm}", f"mask from {settings.mask_from}", quantiles]
     options += [name for name in ("checkpointing", "compile") if getattr(settings, name)]
     add_row(report, "setting", f"{settings.vae_arch} decoder ch {settings.vae_ch} (random weights), "
                                f"{settings.resolution} px, {settings.gated} gated samples, {settings.lpl_blocks} "
                                f"blocks; {', '.join(options)}")
     memory = f"{peak:.2f} GiB" if peak is not None else "n/a (CPU)"
-    add_row(report, "LPL forward + backward", f"{step_s * 1000:.1f} ms (median of {settings.repeats}, no marks), peak "
-                                              f"memory {memory}")
+    add_row(report, "LPL forward + backward", f"{step_s * 1000:.1f} ms (median of {settings.repeats}, no marks), "
+                                              f"peak memory {memory}")
     total = sum(parts.values())
     for name, seconds in parts.items():
         add_row(report, f"  {name}", f"{seconds * 1000:.1f} ms ({100 * seconds / total:.0f}%)")
@@ -864,261 +848,6 @@ def benchmark_lpl(settings):
     add_row(report, "saved for backward, all terms", f"{sum(layers) / 2 ** 20:.2f} MiB (decoder's prediction "
                                                      f"branch: {decoder / 2 ** 20:.2f} MiB{unseen})")
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# replicate: the paper's recipe at toy scale, with and without LPL, on the bundled photos
-# ----------------------------------------------------------------------------------------------------------------
-
-# Both presets train on random crops of assets/photos through the bundled taef2 (data.build_demo_data) and evaluate
-# on the held-out photos. "cpu" is the README's run; "gpu" is sized from FLOP estimates to take under 8 minutes on
-# one H100 with three post-training seeds per arm, and has not been run yet.
-REPLICATE_PRESETS = {
-    "cpu": dict(resolution=64, model="demo", batch_size=32, lr=1e-3, pre_steps=1500, post_steps=1000, seeds=[0],
-                post_ema_decay=0.995, val_samples=128, val_draws=4, samples=256),
-    "gpu": dict(resolution=128, model="S/2", batch_size=128, lr=3e-4, pre_steps=1500, post_steps=800,
-                seeds=[0, 1, 2], post_ema_decay=0.998, val_samples=128, val_draws=8, samples=512),
-}
-REPLICATE_FIGURES = ("diffusion", "latent_mse", "psnr", "hf_error", "hf_log_ratio", "lpl")
-
-
-def replicate_train(out, train_data, val_data, settings, seed, steps, extra=()):
-    """One train.py run in this process (its log has a validation at the end); returns its last checkpoint. A run
-    that finished before is reused: the command can be rerun after an interruption."""
-    if not (out / "checkpoints" / "last.pt").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        train.main(["--data", str(train_data), "--val-data", str(val_data), "--out", str(out), "--model", settings.model,
-                    "--steps", str(steps), "--global-batch-size", str(settings.batch_size), "--lr", str(settings.lr),
-                    "--seed", str(seed), "--vae", str(data.DEMO_VAE), "--ckpt-every", str(steps),
-                    "--log-every", str(max(1, steps // 20)), "--sample-every", "0", "--val-samples", str(min(32, settings.val_samples)),
-                    *map(str, extra)])
-    return out / "checkpoints" / "last.pt"
-
-
-def replicate_evaluate(path, val, ae, lpl, settings, device):
-    """train.evaluate on the EMA weights of a checkpoint with the preset's rows and noise draws (seed 0 for every
-    arm: the same noise), and `settings.samples` generated images (EMA, 50 DDIM steps, seeds 0..n-1)."""
-    model, diffusion = model_from_checkpoint(load_checkpoint(path), True, path)
-    model.to(device)
-    figures = train.evaluate(model, diffusion, val, ae, lpl, count=settings.val_samples, draws=settings.val_draws,
-                             batch_size=64, seed=0, device=device, keep_rows=True)
-    images, _ = sample_share(mmdit_model_fn(model), diffusion, ae.decode, val.latent_shape, range(settings.samples),
-                             seed=0, batch_size=64, steps=50, device=device)
-    return figures, images
-
-
-def combine_seeds(records):
-    """Per-seed evaluations -> one: the mean over seeds and, with several seeds, the standard error over seeds
-    (with one, the evaluation's own standard error over rows)."""
-    if len(records) == 1:
-        return records[0]
-    combined = dict(sigma_ratio=records[0]["sigma_ratio"])
-    for name in REPLICATE_FIGURES:
-        columns = list(zip(*[record[name] for record in records])) if name in records[0] else []
-        combined[name] = [None if None in c else float(np.mean(c)) for c in columns]
-        combined[f"{name}_se"] = [None if None in c else float(np.std(c, ddof=1) / math.sqrt(len(c))) for c in columns]
-    return combined
-
-
-def paired_change(base_records, lpl_records, name, level):
-    """LPL against no LPL for one figure at one level: the relative change of its mean (for hf_log_ratio, the
-    difference) and the standard error of that change. Both arms are evaluated on the same rows with the same noise,
-    so with one seed the error is over the per-row differences; with several, over the seeds' changes."""
-    changes, errors = [], []
-    for base, lpl in zip(base_records, lpl_records):
-        b, d = np.array(base["rows_of"][name][level]), np.array(lpl["rows_of"][name][level]) - \
-            np.array(base["rows_of"][name][level])
-        scale = 1.0 if name == "hf_log_ratio" else abs(b.mean()) / 100  # in percent
-        changes.append(d.mean() / scale)
-        errors.append(d.std(ddof=1) / math.sqrt(len(d)) / scale)
-    if len(changes) == 1:
-        return changes[0], errors[0]
-    return float(np.mean(changes)), float(np.std(changes, ddof=1) / math.sqrt(len(changes)))
-
-
-def replicate_table(arms, per_seed):
-    """Markdown: every figure at every noise level, mean +- standard error per arm, and LPL against no LPL."""
-    rows = ["| sigma/alpha | figure | no LPL | LPL | LPL vs no LPL (paired) |", "|---|---|---|---|---|"]
-    base, lpl = arms["base"], arms["lpl"]
-    for i, level in enumerate(base["sigma_ratio"]):
-        for name in REPLICATE_FIGURES:
-            if name not in base or base[name][i] is None:
-                continue
-            shown = [f"{arm[name][i]:.4g} +- {arm[name + '_se'][i]:.2g}" for arm in (base, lpl)]
-            change, error = paired_change(per_seed["base"], per_seed["lpl"], name, i)
-            unit = "" if name == "hf_log_ratio" else "%"
-            rows.append(f"| {level:g} | {name} | {shown[0]} | {shown[1]} | {change:+.4g}{unit} +- {error:.2g}{unit} |")
-    return "\n".join(rows)
-
-
-def benchmark_replicate(settings, log=print):
-    """Pre-train without LPL, post-train from that checkpoint with and without LPL for the same steps (Sec. 4.1,
-    Table 4; one pre-training, `seeds` post-trainings per arm), evaluate both arms on the held-out photos
-    (train.evaluate) and compare the power spectra of their samples with the real crops' (fid.py spectrum).
-    Writes OUT/replicate.md, OUT/replicate.json and OUT/spectra.png."""
-    device, out, started = default_device(), Path(settings.out), time.perf_counter()
-    report = new_report("replicate", settings.argv, device, settings_dict(settings))
-    train_data, val_data = data.build_demo_data(out / "data", resolution=settings.resolution, log=log)
-    pre = replicate_train(out / "pre", train_data, val_data, settings, 0, settings.pre_steps)
-    val, ae = data.LatentDataset(val_data, "--val-data"), load_autoencoder(data.DEMO_VAE, device=device, verbose=False)
-    lpl = LatentPerceptualLoss(ae)  # the LPL figure of both arms: the distance the LPL arm is trained on
-    per_seed, samples = dict(base=[], lpl=[]), dict(base=[], lpl=[])
-    for seed in settings.seeds:
-        for arm, extra in (("base", []), ("lpl", ["--lpl"])):
-            path = replicate_train(out / f"{arm}-seed{seed}", train_data, val_data, settings, seed,
-                                   settings.post_steps, ["--init-from", pre, "--ema-decay", settings.post_ema_decay,
-                                                         *extra])
-            figures, images = replicate_evaluate(path, val, ae, lpl, settings, device)
-            per_seed[arm].append(figures)
-            samples[arm].append(images)
-    arms = {arm: combine_seeds(records) for arm, records in per_seed.items()}
-    for arm, chunks in samples.items():
-        write_samples(out / f"samples-{arm}.npz", np.concatenate(chunks), np.zeros(0, np.int64), dict(arm=arm))
-    with torch.no_grad():  # the autoencoder's own reconstructions of the held-out crops: the ceiling of both arms
-        reconstructions = latents_to_uint8(ae.decode(val.get(range(val.count))[0].to(device)))
-    write_samples(out / "reconstructions.npz", reconstructions, np.zeros(0, np.int64), dict(arm="taef2"))
-    spectra = fid.command_spectrum(argparse.Namespace(
-        sets=[str(val_data.parent / "images" / "val"), *(str(out / f"{name}.npz") for name in
-                                                         ("samples-base", "samples-lpl", "reconstructions"))],
-        plot=str(out / "spectra.png"), json=str(out / "spectra.json"), csv=None, device=str(device), batch_size=64,
-        workers=0))
-    table = replicate_table(arms, per_seed)
-    report["figures"].update(arms=arms, per_seed=per_seed, spectra_band_error=spectra["band_error"],
-                             minutes=(time.perf_counter() - started) / 60, table=table)
-    add_row(report, "wall time", f"{report['figures']['minutes']:.1f} minutes (pre-training, both arms, evaluation)")
-    for name, bands in spectra["band_error"].items():
-        add_row(report, f"spectrum of {name}", "mean |log10 difference| to the real crops, per octave: " + ", ".join(
-            f"{b['mean_abs_log10_difference']:.3f}" for b in bands))
-    write_text_atomically(out / "replicate.md", f"`{report['command']}`\n\n{table}\n")
-    write_text_atomically(out / "replicate.json", json.dumps(json_ready(report), indent=1))
-    log(table)
-    return report
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# suite: everything the GPU check needs, in one go, each part guarded; --tiny runs it at CPU scale
-# ----------------------------------------------------------------------------------------------------------------
-
-SUITES = {
-    "paper": dict(
-        train="train --model XL/2 --resolution 256 --batch-size 32 --vae-arch sdxl --lpl-blocks 5 --lpl-threshold 4 "
-              "--warmup 3 --steps 10",
-        train_variants=([], ["--lpl-checkpointing"], ["--lpl-blocks", "4"], ["--lpl-max-samples", "8"]),
-        train_compiled="train --model XL/2 --resolution 256 --batch-size 32 --vae-arch sdxl --lpl-blocks 5 "
-                       "--lpl-threshold 4 --warmup 3 --steps 10 --compile",
-        train_compiled_variants=([], ["--lpl-compile"]),
-        lpl="lpl --vae-arch sdxl --resolution 256 --gated 24 --lpl-blocks 5 --warmup 2 --repeats 10",
-        fid="fid --dim 2048 --repeats 1 --inception-batch 50 --inception-iters 3",
-        sample="sample --model XL/2 --resolution 256 --batch-size 32 --steps 50 --cfg 1.5 --decode --vae-arch sdxl",
-        subbatch="lpl-subbatch --resolution 256 --batch-size 32 --vae-arch sdxl --max-samples 4 8 16 --repeats 8",
-        smoke="train --model XL/2 --resolution 256 --batch-size 32 --vae-arch sdxl --lpl-threshold 4 --steps 20 "
-              "--dtype bf16",
-        smoke_timeout=420),
-    "tiny": dict(
-        train="train --model demo --resolution 32 --batch-size 4 --vae-arch sdxl --vae-ch 32 --lpl-threshold 32 "
-              "--warmup 1 --steps 2",
-        train_variants=([], ["--lpl-checkpointing"], ["--lpl-blocks", "4"], ["--lpl-max-samples", "2"]),
-        lpl="lpl --vae-arch sdxl --vae-ch 32 --resolution 32 --gated 2 --warmup 1 --repeats 2",
-        fid="fid --dim 128 --repeats 1 --inception-batch 1 --inception-iters 1",
-        sample="sample --model demo --resolution 32 --batch-size 2 --steps 3 --cfg 1.5 --decode --vae-arch sdxl "
-               "--vae-ch 32",
-        subbatch="lpl-subbatch --resolution 32 --batch-size 8 --vae-arch sdxl --vae-ch 32 --lpl-threshold 32 "
-                 "--max-samples 2 8 --repeats 3",
-        smoke="train --model demo --resolution 32 --batch-size 4 --vae-arch sdxl --vae-ch 32 --lpl-threshold 32 "
-              "--steps 2 --dtype bf16",
-        smoke_timeout=120),
-}
-
-
-def torchrun_smoke(settings, timeout):
-    """train.py under torchrun on one process with LPL (settings.steps optimiser steps), on a synthetic dataset and a
-    saved random decoder; PASS when it exits 0 with a finite loss, LPL active and a checkpoint written."""
-    device = default_device()
-    report = new_report("torchrun smoke", settings.argv, device, settings_dict(settings))
-    with tempfile.TemporaryDirectory(prefix="lpl-smoke-") as tmp:
-        data = write_synthetic_dataset(Path(tmp) / "data", 2 * settings.batch_size, latent_shape_of(settings))
-        vae = save_random_decoder(Path(tmp) / "vae.safetensors", settings.vae_arch, settings.vae_ch)
-        argv = train_argv(settings, data, vae, Path(tmp) / "run", steps=settings.steps) + ["--log-every", "10"]
-        torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *argv]
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, *torchrun], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        seconds = time.perf_counter() - start
-        log_path = Path(tmp) / "run" / "log.jsonl"
-        records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-        saved = (Path(tmp) / "run" / "checkpoints" / "last.pt").exists()
-    last = records[-1] if records else {}
-    finite = all(math.isfinite(last.get(k, math.nan)) for k in ("loss", "lpl"))
-    lpl_active = any(record.get("lpl_gated_fraction", 0) > 0 for record in records)
-    ok = done.returncode == 0 and finite and lpl_active and saved
-    report["command"] = shlex.join(["python", *torchrun])
-    report["figures"].update(returncode=done.returncode, seconds=seconds, log=records, checkpoint_saved=saved,
-                             output_tail=(done.stdout + done.stderr)[-3000:])
-    add_row(report, "train.py under torchrun", f"exit {done.returncode} after {seconds:.1f} s for {settings.steps} "
-                                               f"steps (start-up, checkpoint and sample grid included); last log "
-                                               f"{json.dumps(last)}")
-    report["targets"].append(dict(name="torchrun LPL smoke", value=float(ok), goal=1.0, status="PASS" if ok else "MISS",
-                                  text=f"[{'PASS' if ok else 'MISS'}] torchrun {settings.dtype} LPL smoke: exit "
-                                       f"{done.returncode}, finite loss {finite}, LPL active {lpl_active}, "
-                                       f"checkpoint written {saved}"))
-    return report
-
-
-def format_value(value):
-    return "n/a" if value is None else f"{value:.3g}"
-
-
-def suite_markdown(suite):
-    lines = [f"# bench.py suite ({'tiny, CPU scale' if suite['tiny'] else 'paper settings'})", "",
-             f"{suite['environment']['device']}, torch {suite['environment']['torch']}", ""]
-    for name, part in suite["parts"].items():
-        lines += [f"## {name}", ""]
-        if "error" in part:
-            lines += ["FAILED:", "", "```", part["error"].strip(), "```", ""]
-            continue
-        lines += [f"`{part['command']}`", "", "| figure | value |", "|---|---|"]
-        lines += [f"| {label.strip()} | {text} |" for label, text in part["rows"]]
-        lines += ["", "| target | value | goal | status |", "|---|---|---|---|"]
-        lines += [f"| {t['name']} | {format_value(t['value'])} | {format_value(t['goal'])} | {t['status']} |"
-                  for t in part["targets"]]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def run_suite(settings, log=print):
-    """Runs every part, each guarded: a failure is recorded and the next part runs. Results are rewritten to
-    OUT/bench.json and OUT/bench.md after every part, so a run cut short keeps what it measured."""
-    plan = SUITES["tiny" if settings.tiny else "paper"]
-    extra = ["--peak-tflops", str(settings.peak_tflops)] if settings.peak_tflops else []
-    parts = [
-        ("train", lambda: benchmark_train(parse_args(plan["train"].split() + extra), plan["train_variants"], log)),
-        ("train compiled", lambda: benchmark_train(parse_args(plan["train_compiled"].split() + extra),
-                                                   plan["train_compiled_variants"], log)),
-        ("lpl", lambda: benchmark_lpl(parse_args(plan["lpl"].split()))),
-        ("fid", lambda: benchmark_fid(parse_args(plan["fid"].split()))),
-        ("sample", lambda: benchmark_sample(parse_args(plan["sample"].split() + extra))),
-        ("lpl-subbatch", lambda: benchmark_lpl_subbatch(parse_args(plan["subbatch"].split()))),
-        ("torchrun smoke", lambda: torchrun_smoke(parse_args(plan["smoke"].split()), plan["smoke_timeout"])),
-    ]
-    parts = [(name, run) for name, run in parts if name != "train compiled" or not settings.tiny]  # CPU: minutes
-    device = default_device()
-    suite = dict(command=command_line(settings.argv), tiny=settings.tiny, environment=environment(device), parts={})
-    out = Path(settings.out)
-    for name, run in parts:
-        log(f"suite: {name}")
-        started = time.perf_counter()
-        try:
-            part = run()
-            log(format_report(part))
-        except (Exception, SystemExit):
-            part = dict(error=traceback.format_exc())
-            log(f"suite: {name} FAILED\n{part['error']}")
-        part["seconds"] = time.perf_counter() - started
-        suite["parts"][name] = part
-        free_memory(device)
-        write_text_atomically(out / "bench.json", json.dumps(json_ready(suite), indent=1))
-        write_text_atomically(out / "bench.md", suite_markdown(suite))
-    log(f"suite: wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return suite
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1195,39 +924,20 @@ def build_parser():
     add_vae_flags(p, blocks=False)
     p.add_argument("--lpl-blocks", type=int, default=5, help="decoder taps (Fig. 7)")
     p.add_argument("--norm", choices=NORMS, default="shared", help="lpl.py's norm")
-    p.add_argument("--mask-from", choices=("prediction", "target", "none"), default="prediction",
-                   help="lpl.py's mask_from")
-    p.add_argument("--exact-quantiles", action="store_true", help="outlier-mask quantiles by kthvalue over every pixel")
+    p.add_argument("--mask-from", choices=MASK_SOURCES, default="prediction", help="lpl.py's mask_from")
+    p.add_argument("--exact-quantiles", action="store_true",
+                   help="outlier-mask quantiles by kthvalue over every pixel")
     p.add_argument("--checkpointing", action="store_true", help="checkpoint the decoder (recomputed backward)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (LatentPerceptualLoss compile)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls (compilation happens here)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls")
     add_common(p)
-
-    p = commands.add_parser("replicate", help="the A/B of LPL post-training on the bundled photos (README: Evidence)")
-    p.add_argument("--out", required=True, help="run folder (its finished runs are reused when rerun)")
-    p.add_argument("--preset", choices=list(REPLICATE_PRESETS), default="cpu", help="sizes: cpu (README) or gpu")
-    for name, kind in (("resolution", int), ("model", str), ("batch_size", int), ("lr", float), ("pre_steps", int),
-                       ("post_steps", int), ("post_ema_decay", float), ("val_samples", int), ("val_draws", int),
-                       ("samples", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="overrides the preset's")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="post-training seeds per arm")
-    p.set_defaults(json=None)  # it writes OUT/replicate.json itself
-
-    p = commands.add_parser("suite", help="every benchmark + a torchrun smoke, to OUT/bench.json and OUT/bench.md")
-    p.add_argument("--out", required=True, help="folder for bench.json and bench.md")
-    p.add_argument("--tiny", action="store_true", help="CPU scale: the whole suite in under a minute")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU on a GPU the table does not know")
     return parser
 
 
 def check_settings(parser, settings):
     """Bad values as a clear error naming the flag."""
-    for name, value in REPLICATE_PRESETS.get(getattr(settings, "preset", None), {}).items():
-        if getattr(settings, name) is None:  # replicate: what the flags leave open comes from the preset
-            setattr(settings, name, value)
-    for name in ("batch_size", "steps", "repeats", "dim", "inception_batch", "inception_iters", "gated", "pre_steps",
-                 "post_steps", "val_samples", "val_draws", "samples"):
+    for name in ("batch_size", "steps", "repeats", "dim", "inception_batch", "inception_iters", "gated"):
         if getattr(settings, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     if getattr(settings, "warmup", 0) < 0:
@@ -1268,18 +978,17 @@ def settings_dict(settings):
 
 
 BENCHMARKS = {"train": benchmark_train, "fid": benchmark_fid, "sample": benchmark_sample,
-              "lpl-subbatch": benchmark_lpl_subbatch, "lpl": benchmark_lpl, "replicate": benchmark_replicate}
+              "lpl-subbatch": benchmark_lpl_subbatch, "lpl": benchmark_lpl}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     settings = parse_args(argv)
-    if settings.command == "suite":
-        return run_suite(settings)
-    report = BENCHMARKS[settings.command](settings)
+    with one_line_errors(f"bench.py {settings.command}: "):  # bad inputs: one line, no traceback
+        report = BENCHMARKS[settings.command](settings)
     print(format_report(report))
     if settings.json:
-        write_text_atomically(settings.json, json.dumps(json_ready(report), indent=1))
+        write_text(settings.json, json.dumps(json_ready(report), indent=1))
         print(f"wrote {settings.json}")
     return report
 

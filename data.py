@@ -1,22 +1,22 @@
-"""Everything lpl keeps on disk: the flat-file dataset (its specification, its writer `encode`, its reader that
-train.py draws batches from, the bundled demo data), image folders, checkpoint files (written atomically;
-safetensors read and written without the safetensors package; torch.load with weights_only), and train.py's
-checkpoints and run folders (one writer per folder: a lock). autoencoder.py builds on these readers; the command lines
-below import it when they need an autoencoder.
+"""The flat-file dataset: its specification, its writer (`python data.py encode`), its reader that train.py draws
+batches from, and the bundled demo data. Files, checkpoints and images on disk are runtime.py's; the autoencoder
+that encodes is autoencoder.py's.
 
 A dataset is a folder (a shard), or a folder whose sub-folders are shards. A shard holds:
 
-    latents.npy        (N, C, h, w) float16  scaled latents z = (E(x) - shift) * scaling of images x in [-1, 1]
+    latents.npy        (N, C, h, w) float16  scaled latents z = (E(x) - shift_factor) * scaling_factor of images x
+                                             in [-1, 1]
     latents_flip.npy   (N, C, h, w) float16  optional: row i is image i flipped left-right
     labels.npy         (N,) int64            optional: the class of row i, in [0, len(class_names))
     context.npy        (N, L, D) float16     optional, instead of labels: precomputed text embeddings (L tokens)
     meta.json                                written last: a shard without it is incomplete
 
-meta.json keys that are read: "resolution" (image side in pixels; default 8 x the latent side), "scaling" and
-"shift" (how the latents were scaled: LPL and the sample grids unscale them the same way before decoding) and
-"class_names" (required with labels.npy). The others ("autoencoder", "family", "count", "crop", "images", ...)
-record where the data came from. Arrays are plain .npy files, opened with np.load(mmap_mode="r"): a batch reads
-only its rows. All shards of a dataset must agree on the latent shape, the conditioning, flips and class names.
+meta.json keys that are read: "resolution" (image side in pixels; default 8 x the latent side), "scaling_factor" and
+"shift_factor" (how the latents were scaled: LPL and the sample grids unscale them the same way before decoding;
+datasets written before these names read "scaling" and "shift") and "class_names" (required with labels.npy). The
+others ("autoencoder", "family", "count", "crop", "images", ...) record where the data came from. Arrays are plain
+.npy files, opened with np.load(mmap_mode="r"): a batch reads only its rows. All shards of a dataset must agree on
+the latent shape, the conditioning, flips and class names.
 
 Rows are addressed in one index space: 0..N-1 are the rows of the shards in sorted order; with flipped copies
 N..2N-1 are the same rows flipped. EpochSampler walks a fresh permutation of that space every epoch, drawn from
@@ -26,7 +26,7 @@ exact resume needs.
     python data.py encode --vae sdxl_vae.safetensors --vae-family sdxl --images imagenet/train \\
         --out data/in256 --resolution 256 --flip
     torchrun --nproc_per_node=8 data.py encode ...   # one node: each rank encodes a contiguous share, rank 0 merges
-    python data.py roundtrip --vae assets/taef2_encoder.pth --image assets/photos/kodim01.png --out /tmp/rt.png \
+    python data.py roundtrip --vae assets/taef2_encoder.pth --image assets/photos/kodim01.png --out /tmp/rt.png \\
         --resolution 256                              # one image through the autoencoder: prints the PSNR
 
 Images come from a folder of images (unconditional) or of class sub-folders (labels: the index of the sorted
@@ -38,299 +38,41 @@ assets/; the last DEMO_VALIDATION_PHOTOS photos are held out as a validation set
 """
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
-import zipfile
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-
-def fail(message):
-    """A user error: one line, no traceback."""
-    raise SystemExit(f"error: {message}")
-
-
-def write_json(path, value):
-    with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=1) + "\n")
-
-
-def write_npy(path, array):
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        np.save(file, array)
+from autoencoder import FAMILIES, load_autoencoder
+from runtime import (IMAGE_SUFFIXES, UserError, atomic_output, center_crop_arr, one_line_errors, rgb_image,
+                     to_model_images, write_json, write_npy)
+# data.py also hands on these names of runtime.py, for the scripts that import them from here.
+from runtime import load_checkpoint, load_safetensors, read_checkpoint, save_safetensors  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files: atomic writes; checkpoints as safetensors (without the safetensors package) or torch.load(weights_only)
+# Image folders
 # ----------------------------------------------------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-# numpy has no bfloat16: those bytes are viewed as int16 and reinterpreted by torch.
-NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.int64: np.int64}
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yields a temporary path in the same folder, renamed onto `path` only if the block completes."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Writes {name: tensor} as .safetensors (atomically): an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}, "__metadata__": {str: str}} padded to 8 bytes, then the raw bytes."""
-    header, offset = {}, 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in SAFETENSORS_NAMES:
-            raise ValueError(f"save_safetensors({path}): tensor {name!r} is {tensor.dtype}; "
-                             f"supported: {', '.join(map(str, SAFETENSORS_NAMES))}")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
-        if bad:
-            raise TypeError(f"save_safetensors({path}): metadata keys and values must be str; not {bad}")
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        file.write(len(blob).to_bytes(8, "little"))
-        file.write(blob)
-        for tensor in tensors.values():
-            file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def safetensors_entry(path, name, info):
-    """One header entry -> (dtype, shape, begin, end), or a ValueError saying what was expected."""
-    dtype = info.get("dtype") if isinstance(info, dict) else None
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has dtype {dtype!r}; expected {', '.join(SAFETENSORS_DTYPES)}")
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (isinstance(shape, list) and all(map(is_count, shape)) and isinstance(offsets, list) and len(offsets) == 2
-            and all(map(is_count, offsets))):
-        raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}; expected a shape and two "
-                         "data_offsets, all non-negative integers")
-    return SAFETENSORS_DTYPES[dtype], tuple(shape), *offsets
-
-
-def load_safetensors(path):
-    """Reads a .safetensors file -> (tensors, metadata). Tensors are memory-mapped copy-on-write (np.memmap
-    mode "c"): only those you use are read from disk, which matters for a 7 GB checkpoint holding a 160 MB VAE."""
-    path = Path(path)
-    file_size = path.stat().st_size
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        if file_size < 10 or not 2 <= header_size <= file_size - 8:
-            raise ValueError(f"{path} is truncated or not a .safetensors file: its header length field says "
-                             f"{header_size} bytes, the file has {file_size}")
-        try:
-            header = json.loads(file.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a checkpoint: its .safetensors header is not JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a checkpoint: its .safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{path}: its .safetensors __metadata__ is not a JSON object of strings")
-    entries = {name: safetensors_entry(path, name, info) for name, info in header.items()}
-    data_start = 8 + header_size
-    data_size = file_size - data_start
-    described = max((end for *_, end in entries.values()), default=0)
-    if described > data_size:
-        raise ValueError(f"{path} is truncated: its header describes {described} bytes of tensor data, the file holds "
-                         f"{data_size} (expected a complete .safetensors file)")
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_size,)) if data_size else None
-    tensors = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-        item_size = torch.tensor([], dtype=dtype).element_size()
-        if begin > end or end - begin != math.prod(shape) * item_size:
-            raise ValueError(f"{path}: tensor {name!r} ({SAFETENSORS_NAMES[dtype]} {list(shape)}) has data_offsets "
-                             f"{[begin, end]}, inconsistent with its shape")
-        raw = data[begin:end] if end > begin else np.zeros(0, np.uint8)
-        if (data_start + begin) % item_size:
-            raw = np.array(raw)  # a misaligned tensor is copied into aligned memory
-        tensor = torch.from_numpy(raw.view(NUMPY_STORAGE[dtype]).reshape(shape))
-        tensors[name] = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
-    return tensors, metadata
-
-
-def one_line(error):
-    """A torch.load error on one line; of a weights_only refusal, only the reason (torch's advice to retry with
-    weights_only=False is not for files of unknown content)."""
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = "unpickler: " + text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-    return " ".join(text.split()) or type(error).__name__
-
-
-def load_torch_checkpoint(path, zipped):
-    """A torch.save file (.ckpt/.pt/.pth) -> {name: tensor}; a full SD .ckpt keeps its weights under "state_dict"."""
-    if zipped and not zipfile.is_zipfile(path):  # torch.load would only say "Invalid argument"
-        raise ValueError(f"{path} is truncated or corrupt: a torch.save zip archive without its closing directory "
-                         "(expected a complete .ckpt/.pt/.pth file)")
-    try:  # torch.load raises many kinds of errors on a file it cannot read; all mean the same here
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except Exception as error:
-        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read: "
-                         f"{one_line(error)}") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path} is not a checkpoint: torch.load gave a {type(state).__name__}, "
-                         "expected a dict of tensors (or one under 'state_dict')")
-    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), but {len(not_tensors)} entries are not "
-                         f"tensors: {not_tensors[:10]}")
-    return dict(state)
-
-
-def read_checkpoint(path):
-    """Any supported file -> (tensors, metadata), recognised by its content rather than its extension."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist")
-    try:
-        with open(path, "rb") as file:
-            head = file.read(9)
-        if head[8:9] == b"{":  # first: a header length may begin with the pickle's 0x80; byte 8 tells them apart
-            return load_safetensors(path)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save zip archive, or a legacy pickle
-            return load_torch_checkpoint(path, zipped=head[:1] == b"P"), {}
-    except OSError as error:  # unreadable: permissions, I/O errors, a memory map refused
-        raise ValueError(f"{path} cannot be read: {error}") from error
-    raise ValueError(f"{path} is not a checkpoint: expected a .safetensors file or a torch.save file "
-                     "(.ckpt, .pt, .pth)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# train.py's checkpoints and run folders: written atomically, read back with one-line errors, one writer per folder
-# ----------------------------------------------------------------------------------------------------------------
-
-CHECKPOINT_KEYS = ("model", "ema", "model_config", "diffusion", "args", "step")  # what every train.py checkpoint holds
-
-
-def save_checkpoint(checkpoint, folder, step):
-    """OUT/checkpoints/step-N.pt written to a temporary file and renamed; last.pt a hard link renamed onto it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:07d}.pt"
-    with atomic_output(path) as temporary:
-        torch.save(checkpoint, temporary)
-    with atomic_output(folder / "last.pt") as temporary:
-        try:
-            os.link(path, temporary)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, temporary)
-    return path
-
-
-def load_checkpoint(path, flag="--ckpt", mmap=False):
-    """A train.py checkpoint as a dict of plain tensors and values (torch.load weights_only, on the CPU first: never
-    piled onto GPU 0). Any unreadable file or missing key is a one-line error naming the flag and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: {flag} {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # torch.load raises many kinds of errors on a truncated or foreign file
-        raise SystemExit(f"error: {flag} {path} is not a readable checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint: it has no {missing}")
-    return checkpoint
-
-
-@contextlib.contextmanager
-def run_folder(out, rank):
-    """Rank 0 holds an exclusive flock on OUT/run.lock (released by the kernel if the process dies, so a stale lock
-    of a dead PID is simply taken over). A start that fails leaves no folder it created behind."""
-    out, created = Path(out), not Path(out).exists()
-    if rank != 0:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / "run.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        fail(f"run folder {out} in use by PID {lock.read().strip() or '?'} (its run.lock is held)")
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:
-        yield
-    finally:
-        (out / "run.lock").unlink(missing_ok=True)
-        lock.close()
-        if created and not any(out.rglob("*.pt")) and not (out / "log.jsonl").exists():  # a start that failed
-            shutil.rmtree(out, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------------
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
-
-
-def center_crop_arr(image, resolution):
-    """ADM's center crop (guided-diffusion): halve with a box filter while the short side is >= 2x the target,
-    resize bicubically so the short side is `resolution`, then crop the center. PIL image -> (R, R, 3) uint8."""
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-    array = np.asarray(image.convert("RGB"))
-    top, left = (array.shape[0] - resolution) // 2, (array.shape[1] - resolution) // 2
-    return array[top: top + resolution, left: left + resolution]
-
-
-def to_model_images(arrays):
-    """(B, H, W, 3) or (B, 3, H, W) uint8 tensor -> float images in [-1, 1], (B, 3, H, W)."""
-    return arrays.float() / 127.5 - 1
-
-
-def psnr(images, reference):
-    """PSNR in dB of images in [-1, 1] against a reference (peak = the full [-1, 1] range), over the whole batch."""
-    mse = ((images.float().clamp(-1, 1) - reference.float()) / 2).square().mean()
-    return (10 * torch.log10(1 / mse)).item()
-
 
 def list_images(folder, flag="--images"):
     """Images directly in `folder` (no labels), or in class sub-folders (labels: index of the sorted folder name).
     Returns (files, labels or None, class names or None, number of non-image files ignored)."""
     folder = Path(folder)
     if not folder.is_dir():
-        fail(f"{flag} {folder}: no such folder")
+        raise UserError(f"{flag} {folder}: no such folder")
     entries = sorted(e for e in folder.iterdir() if not e.name.startswith((".", "_")))
     subfolders = [e for e in entries if e.is_dir()]
     top_files = [e for e in entries if e.is_file()]
     if subfolders and any(f.suffix.lower() in IMAGE_SUFFIXES for f in top_files):
-        fail(f"{flag} {folder}: holds both images and sub-folders; expected either class sub-folders "
+        raise UserError(f"{flag} {folder}: holds both images and sub-folders; expected either class sub-folders "
              "(labels from their sorted names) or images directly in it (no labels)")
     if not subfolders:
         files = [f for f in top_files if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -345,7 +87,7 @@ def list_images(folder, flag="--images"):
             labels += [label] * len(images)
             others += len(found) - len(images)
     if not files:
-        fail(f"{flag} {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"{flag} {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files, labels, class_names, others
 
 
@@ -361,7 +103,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on broken files: each is that image's
             with Image.open(self.files[index]) as image:
-                array = center_crop_arr(image.convert("RGB"), self.resolution)
+                array = center_crop_arr(rgb_image(image), self.resolution)
             return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
         except Exception as error:
             return index, None, f"{type(error).__name__}: {error}"
@@ -369,7 +111,6 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def keep_as_list(batch):
     return batch
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The writer: an image folder -> latents.npy (+ latents_flip.npy, labels.npy) + meta.json
@@ -425,7 +166,7 @@ def merge_shares(out, parts, names, files, shares, labels):
     progresses = [json.loads((part / "progress.json").read_text()) for part in parts]
     for part, share, progress in zip(parts, shares, progresses):
         if progress["done"] != len(share):
-            fail(f"{part} stopped at {progress['done']}/{len(share)}: rerun the same command to resume")
+            raise UserError(f"{part} stopped at {progress['done']}/{len(share)}: rerun the same command to resume")
     masks = []
     for share, progress in zip(shares, progresses):
         mask = np.ones(len(share), dtype=bool)
@@ -433,7 +174,7 @@ def merge_shares(out, parts, names, files, shares, labels):
         masks.append(mask)
     kept = [share[i] for share, mask in zip(shares, masks) for i in np.flatnonzero(mask)]
     if not kept:
-        fail(f"no readable image among the {len(files)} files")
+        raise UserError(f"no readable image among the {len(files)} files")
     for name in names:
         sources = [np.load(part / name, mmap_mode="r") for part in parts]
         if len(parts) == 1 and masks[0].all():
@@ -460,8 +201,6 @@ def encode_folder(args, rank=0, world_size=1, barrier=lambda: None, ae=None):
     """Each rank encodes a contiguous share of the sorted files into out/_partial/rank{r}-of-{w}/; after the
     barrier rank 0 merges them. meta.json is written last and marks a complete dataset: it is removed when a run
     starts, latents.npy only ever appears complete (rename), and a killed run resumes from its partial files."""
-    from autoencoder import load_autoencoder  # autoencoder.py reads its checkpoints with this file's readers
-
     out = Path(args.out)
     files, labels, class_names, others = list_images(args.images)
     device = torch.device(args.device)
@@ -471,7 +210,8 @@ def encode_folder(args, rank=0, world_size=1, barrier=lambda: None, ae=None):
         ae = load_autoencoder(args.vae, device=device, scaling_factor=args.scaling_factor,
                               shift_factor=args.shift_factor, family=args.vae_family, verbose=rank == 0)
     if args.resolution % ae.downsample:
-        fail(f"--resolution {args.resolution} is not a multiple of the autoencoder's {ae.downsample}x downsampling")
+        raise UserError(f"--resolution {args.resolution} is not a multiple of the autoencoder's {ae.downsample}x "
+                        "downsampling")
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "meta.json").unlink(missing_ok=True)
@@ -490,7 +230,7 @@ def encode_folder(args, rank=0, world_size=1, barrier=lambda: None, ae=None):
         "autoencoder": str(Path(ae.files[0]).resolve()),
         "autoencoder_files": [str(Path(f).resolve()) for f in ae.files],
         "autoencoder_describe": ae.describe(),
-        "family": ae.family, "scaling": ae.scaling_factor, "shift": ae.shift_factor,
+        "family": ae.family, "scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor,
         "resolution": args.resolution, "crop": "ADM center crop",
         "count": len(kept), "latent_shape": [ae.latent_channels, *[args.resolution // ae.downsample] * 2],
         "dtype": "float16", "latents": "latents.npy",
@@ -512,7 +252,6 @@ def run_encode(args):
     share into the same --out folder that rank 0 then reads."""
     if "RANK" not in os.environ:
         return encode_folder(args)
-    import torch.distributed as dist
     # gloo: only a barrier is needed, and it must wait for the slowest rank's whole share
     dist.init_process_group("gloo", timeout=timedelta(hours=12))
     try:
@@ -529,7 +268,7 @@ def load_npy(path, flag):
     try:
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError) as error:
-        fail(f"{flag}: {path} is not a readable .npy array ({error})")
+        raise UserError(f"{flag}: {path} is not a readable .npy array ({error})")
 
 
 class LatentDataset:
@@ -539,17 +278,17 @@ class LatentDataset:
     def __init__(self, root, flag="--data"):
         root, self.flag = Path(root), flag
         if not root.is_dir():
-            fail(f"{flag} {root}: no such folder")
+            raise UserError(f"{flag} {root}: no such folder")
         shards = [root] if (root / "latents.npy").exists() else sorted(p.parent for p in root.glob("*/latents.npy"))
         if not shards:
-            fail(f"{flag} {root}: no latents.npy in it or in its sub-folders (expected the flat-file dataset "
+            raise UserError(f"{flag} {root}: no latents.npy in it or in its sub-folders (expected the flat-file dataset "
                  "written by `python data.py encode`)")
         self.shards = [self.open_shard(s) for s in shards]
         first = self.shards[0]
         for shard in self.shards[1:]:
             for key in ("latent_shape", "conditioning", "flips", "class_names"):
                 if shard[key] != first[key]:
-                    fail(f"{flag}: shard {shard['path']} has {key} {shard[key]}, but {first['path']} has {first[key]}")
+                    raise UserError(f"{flag}: shard {shard['path']} has {key} {shard[key]}, but {first['path']} has {first[key]}")
         self.meta, self.latent_shape = first["meta"], first["latent_shape"]
         self.conditioning, self.flips, self.class_names = first["conditioning"], first["flips"], first["class_names"]
         self.num_classes = len(self.class_names) if self.conditioning == "labels" else None
@@ -558,37 +297,45 @@ class LatentDataset:
         self.count = int(self.offsets[-1])
         self.resolution = int(self.meta.get("resolution", self.latent_shape[-1] * 8))
 
+    @property
+    def latent_scaling(self):
+        """{"scaling_factor", "shift_factor"} of meta.json (None where it records none): how the latents were
+        scaled, z = (E(x) - shift_factor) * scaling_factor. Older datasets wrote "scaling" and "shift"."""
+        meta = self.meta
+        return dict(scaling_factor=meta.get("scaling_factor", meta.get("scaling")),
+                    shift_factor=meta.get("shift_factor", meta.get("shift")))
+
     def open_shard(self, path):
         flag, meta_path = self.flag, path / "meta.json"
         if not meta_path.exists():
-            fail(f"{flag}: {meta_path} is missing (each shard needs latents.npy and meta.json)")
+            raise UserError(f"{flag}: {meta_path} is missing (each shard needs latents.npy and meta.json)")
         try:
             meta = json.loads(meta_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            fail(f"{flag}: {meta_path} is not JSON ({error})")
+            raise UserError(f"{flag}: {meta_path} is not JSON ({error})")
         latents = load_npy(path / "latents.npy", flag)
         if latents.ndim != 4:
-            fail(f"{flag}: {path / 'latents.npy'} has shape {latents.shape}, expected (N, C, h, w)")
+            raise UserError(f"{flag}: {path / 'latents.npy'} has shape {latents.shape}, expected (N, C, h, w)")
         flip_path = path / "latents_flip.npy"
         flips = load_npy(flip_path, flag) if flip_path.exists() else None
         if flips is not None and flips.shape != latents.shape:
-            fail(f"{flag}: {flip_path} has shape {flips.shape}, {path / 'latents.npy'} {latents.shape}")
+            raise UserError(f"{flag}: {flip_path} has shape {flips.shape}, {path / 'latents.npy'} {latents.shape}")
         shard = dict(path=path, meta=meta, latents=latents, flip_latents=flips, flips=flips is not None,
                      latent_shape=tuple(latents.shape[1:]), class_names=meta.get("class_names"))
         if (path / "labels.npy").exists():
             labels = load_npy(path / "labels.npy", flag)
             if labels.shape != (len(latents),):
-                fail(f"{flag}: {path / 'labels.npy'} has shape {labels.shape}, expected ({len(latents)},)")
+                raise UserError(f"{flag}: {path / 'labels.npy'} has shape {labels.shape}, expected ({len(latents)},)")
             if not shard["class_names"]:
-                fail(f"{flag}: {meta_path} has no class_names for the labels in {path / 'labels.npy'}")
+                raise UserError(f"{flag}: {meta_path} has no class_names for the labels in {path / 'labels.npy'}")
             if len(labels) and not 0 <= labels.min() <= labels.max() < len(shard["class_names"]):
-                fail(f"{flag}: {path / 'labels.npy'} holds labels {labels.min()}..{labels.max()}, "
+                raise UserError(f"{flag}: {path / 'labels.npy'} holds labels {labels.min()}..{labels.max()}, "
                      f"expected 0..{len(shard['class_names']) - 1} (the class_names of {meta_path})")
             shard.update(conditioning="labels", labels=labels)
         elif (path / "context.npy").exists():
             context = load_npy(path / "context.npy", flag)
             if context.ndim != 3 or len(context) != len(latents):
-                fail(f"{flag}: {path / 'context.npy'} has shape {context.shape}, expected ({len(latents)}, L, D)")
+                raise UserError(f"{flag}: {path / 'context.npy'} has shape {context.shape}, expected ({len(latents)}, L, D)")
             shard.update(conditioning="context", context=context)
         else:
             shard.update(conditioning="none")
@@ -624,7 +371,7 @@ class EpochSampler:
         self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
         self.batches_per_epoch = size // (batch_size * world)
         if self.batches_per_epoch == 0:
-            fail(f"the dataset has {size} samples, fewer than one global micro-batch ({batch_size} x {world} ranks)")
+            raise UserError(f"the dataset has {size} samples, fewer than one global micro-batch ({batch_size} x {world} ranks)")
         self.epoch, self.batch = 0, 0
         self._permutation_epoch, self._permutation = None, None
 
@@ -660,7 +407,8 @@ DEMO_TRAIN_CROPS, DEMO_VALIDATION_CROPS = 64, 32  # random crops per photo
 
 def demo_crops(photo, count, size, rng):
     """`count` random size x size crops of one photo, at positions drawn uniformly from rng."""
-    array = np.asarray(Image.open(photo).convert("RGB"))
+    with Image.open(photo) as image:
+        array = np.asarray(rgb_image(image))
     height, width = array.shape[:2]
     tops, lefts = rng.integers(0, height - size + 1, count), rng.integers(0, width - size + 1, count)
     return [array[top: top + size, left: left + size] for top, left in zip(tops, lefts)]
@@ -671,7 +419,7 @@ def build_demo_data(cache, resolution=DEMO_RESOLUTION, log=print):
     are written as PNG files to cache/images/{train,val}/ and encoded by encode_folder, as a real dataset would be."""
     cache, photos = Path(cache), sorted((ASSETS / "photos").glob("*.png"))
     if len(photos) <= DEMO_VALIDATION_PHOTOS:
-        fail(f"the demo needs the photos in {ASSETS / 'photos'} (found {len(photos)}); is the checkout complete?")
+        raise UserError(f"the demo needs the photos in {ASSETS / 'photos'} (found {len(photos)}); is the checkout complete?")
     splits = dict(train=(photos[:-DEMO_VALIDATION_PHOTOS], DEMO_TRAIN_CROPS, True),
                   val=(photos[-DEMO_VALIDATION_PHOTOS:], DEMO_VALIDATION_CROPS, False))
     if all((cache / split / "meta.json").exists() for split in splits):
@@ -687,7 +435,6 @@ def build_demo_data(cache, resolution=DEMO_RESOLUTION, log=print):
         args = argparse.Namespace(images=images, out=cache / split, resolution=resolution, flip=flip, batch_size=64,
                                   workers=0, device="cpu")
         if ae is None:
-            from autoencoder import load_autoencoder
             ae = load_autoencoder(DEMO_VAE, verbose=False)
         encode_folder(args, ae=ae)
         log(f"demo: {split}: {count} random {resolution}px crops of each of {', '.join(p.stem for p in files)}")
@@ -698,13 +445,17 @@ def build_demo_data(cache, resolution=DEMO_RESOLUTION, log=print):
 # roundtrip: one image through the encoder and decoder
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_roundtrip(args):
-    from autoencoder import load_autoencoder
+def psnr(images, reference):
+    """PSNR in dB of images in [-1, 1] against a reference (peak = the full [-1, 1] range), over the whole batch."""
+    mse = ((images.float().clamp(-1, 1) - reference.float()) / 2).square().mean()
+    return (10 * torch.log10(1 / mse)).item()
 
+
+def run_roundtrip(args):
     ae = load_autoencoder(args.vae, device=args.device,
                           scaling_factor=args.scaling_factor, shift_factor=args.shift_factor, family=args.vae_family)
     with Image.open(args.image) as image:
-        image = image.convert("RGB")
+        image = rgb_image(image)
         if args.resolution:
             if args.resolution % ae.downsample:
                 raise ValueError(f"--resolution {args.resolution} is not a multiple of {ae.downsample}")
@@ -732,7 +483,6 @@ def run_roundtrip(args):
 
 def vae_arguments():
     """The flags that load an autoencoder (encode and roundtrip)."""
-    from autoencoder import FAMILIES
     vae = argparse.ArgumentParser(add_help=False)
     vae.add_argument("--vae", type=Path, nargs="+", required=True,
                      help="checkpoint(s): .safetensors/.ckpt/.pt/.pth or a diffusers folder; a tiny *_encoder.pth "
@@ -773,10 +523,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0:
         parser.error("--batch-size must be >= 1 and --workers >= 0")
-    try:
+    with one_line_errors(f"data.py {args.command}: ", also=(ValueError, OSError)):  # the loaders' errors name the file
         return run_encode(args) if args.command == "encode" else run_roundtrip(args)
-    except (ValueError, FileNotFoundError, OSError) as error:  # the loaders' errors name the file
-        raise SystemExit(f"data.py {args.command}: error: {error}") from None
 
 
 if __name__ == "__main__":

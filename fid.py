@@ -27,7 +27,6 @@ written by sample.py (sampler, steps, guidance, checkpoint, autoencoder); eval c
 """
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import io
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import IMAGE_SUFFIXES, atomic_output
+from runtime import IMAGE_SUFFIXES, atomic_output, one_line_errors, rgb_image, write_json, write_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants
@@ -69,19 +68,6 @@ POWER_FLOOR = 1e-12  # power is floored before log10 so that a flat image gives 
 # ----------------------------------------------------------------------------------------------------------------
 # Files: atomic writes, input checks, image sets (folders and ADM-style npz)
 # ----------------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def output_file(path):
-    """A binary file that replaces `path` only once written in full (autoencoder.atomic_output); makes the folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        yield file
-
-
-def write_json(path, data):
-    with output_file(path) as file:
-        file.write((json.dumps(data, indent=2) + "\n").encode())
-
 
 def sha256_of(path):
     digest = hashlib.sha256()
@@ -129,7 +115,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:  # PIL raises OSError, SyntaxError, ValueError, ... on a broken file
             with Image.open(self.files[index]) as image:
-                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+                pixels = np.asarray(rgb_image(image))  # (H, W, 3) uint8
         except Exception as error:
             return f"{type(error).__name__}: {error}"
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W)
@@ -727,8 +713,7 @@ def write_spectrum_csv(path, comparison):
     for f in comparison["frequency_cycles_per_image"]:
         writer.writerow([f] + [f"{comparison['log10_power'][n][f]:.6g}" for n in names]
                         + [f"{differences[n][f]:.6g}" for n in differences])
-    with output_file(path) as file:
-        file.write(text.getvalue().encode())
+    write_text(path, text.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -805,8 +790,8 @@ def plot_spectra(path, comparison, title):
     draw_panel(draw, (790, 110, 1370, 540), difference_curves, f"Difference to {reference}",
                "frequency (cycles per image)", "log10 power - reference", font)
     draw_legend(draw, 660, 120, [(n, colors[n]) for n in names], font)
-    with output_file(path) as file:
-        image.save(file, format="PNG")
+    with atomic_output(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -855,7 +840,7 @@ def command_stats(args):
             "inception_sha256": sha256, "resize": RESIZE_METHOD, "num_features": len(result["features"]),
             "feature_subset_seed": FEATURE_SUBSET_SEED, "spectrum": "mean log10 power, cycles per image",
             "spectrum_size": result["spectrum_size"]}  # eval brings samples to it before their spectrum
-    with output_file(args.out) as file:
+    with atomic_output(args.out) as temporary, open(temporary, "wb") as file:
         np.savez(file, mu=result["mu"], sigma=result["sigma"], features=result["features"].astype(np.float32),
                  spectrum=result["spectrum"], meta=np.array(json.dumps(meta)))
     print(f"wrote {args.out}: statistics of {result['count']} images, {len(result['features'])} features kept")
@@ -985,10 +970,8 @@ def main(argv=None):
     if args.device.startswith("cuda"):  # FID in float32 like pytorch-fid, not TF32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     command = {"stats": command_stats, "eval": command_eval, "spectrum": command_spectrum}[args.command]
-    try:
+    with one_line_errors(f"fid.py {args.command}: ", also=(OSError, ValueError)):  # user errors: one line
         command(args)
-    except (OSError, ValueError) as error:  # user errors: one line, no traceback
-        raise SystemExit(f"fid.py {args.command}: error: {' '.join(str(error).split())}") from None
     return 0
 
 

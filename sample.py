@@ -33,12 +33,8 @@ the batch size, the number of ranks or the device, up to the floating-point diff
 """
 
 import argparse
-import ctypes
 import json
 import math
-import os
-import signal
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -49,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from autoencoder import load_autoencoder
-from data import atomic_output, load_checkpoint
+from runtime import UserError, atomic_output, load_checkpoint, one_line_errors, setup_distributed, write_npy
 from schedules import Diffusion, resolution_shift
 
 SAMPLERS = ("ddim", "euler")
@@ -229,21 +225,23 @@ def sample(model_fn, diffusion, noise, steps=50, sampler=None, cfg_scale=1.0, co
 # MMDiT adapter: cond -> y= or context=
 # ----------------------------------------------------------------------------------------------------------------
 
-def mmdit_model_fn(model):
+def mmdit_model_fn(model, forward=None):
     """model_fn(x, t, cond) for an MMDiT `model(x, t, y=None, context=None)`: cond is passed as y= (class labels)
     when the model has num_classes, as context= (text embeddings) when it has context_dim, and must be None when
-    it has neither."""
+    it has neither. forward: the module that runs it, when that is not `model` itself (train.py passes the
+    compiled or DDP-wrapped model, which hides the attributes read here)."""
+    forward = model if forward is None else forward
     if model.num_classes and model.context_dim:
         raise ValueError("this sampler takes one condition per model: labels or context, not both")
     if model.num_classes:
-        return lambda x, t, cond: model(x, t, y=cond)
+        return lambda x, t, cond: forward(x, t, y=cond)
     if model.context_dim:
-        return lambda x, t, cond: model(x, t, context=cond)
+        return lambda x, t, cond: forward(x, t, context=cond)
 
     def unconditional(x, t, cond):
         if cond is not None:
             raise ValueError("this MMDiT has neither num_classes nor context_dim: cond must be None")
-        return model(x, t)
+        return forward(x, t)
     return unconditional
 
 
@@ -274,12 +272,6 @@ def latents_to_uint8(images):
     return pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
 
 
-def atomic_write(path, write):
-    """write(file_object) into a temporary file beside `path`, renamed onto it: readers never see half a file."""
-    with atomic_output(path) as temporary, open(temporary, "wb") as f:
-        write(f)
-
-
 def save_grid(images, path, ncols=None):
     """uint8 (N, H, W, 3) numpy images -> one PNG, row by row, ncols wide (default ceil(sqrt(N))); black fills
     the last row."""
@@ -293,15 +285,31 @@ def save_grid(images, path, ncols=None):
     grid[:n] = images
     grid = grid.reshape(nrows, ncols, height, width, 3).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, 3)
     picture = Image.fromarray(grid.reshape(nrows * height, ncols * width, 3))
-    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+    with atomic_output(path) as temporary:
+        picture.save(temporary, format="PNG")
+
+
+@torch.no_grad()
+def preview_images(model, diffusion, ae, latent_shape, conditions, seed, device):
+    """A few samples to look at during training: noise from `seed`, 50 steps of the default sampler, the paper's
+    guidance scale when `conditions` (one per image) are given -> uint8 (N, H, W, 3)."""
+    count = 16 if conditions is None else len(conditions)
+    noise = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    cond = null = None
+    cfg_scale = 1.0
+    if conditions is not None:
+        cond = conditions.to(device)
+        null = null_condition(model, cond)
+        cfg_scale = default_cfg_scale(latent_shape[-1] * ae.downsample)
+    z0 = sample(mmdit_model_fn(model), diffusion, noise, steps=50, cond=cond, null_cond=null, cfg_scale=cfg_scale)
+    return latents_to_uint8(ae.decode(z0.to(ae.dtype)).float())
 
 
 def write_samples(path, images, labels, meta):
     """samples.npz: arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads), labels (N,) int64 (the class, the
     --context row, or -1 for an unconditional model: meta["labels"] says which), meta a JSON string."""
-    def write(f):
-        np.savez(f, arr_0=images, labels=labels, meta=np.array(json.dumps(meta)))
-    atomic_write(path, write)
+    with atomic_output(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, arr_0=images, labels=labels, meta=np.array(json.dumps(meta)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,7 +409,7 @@ def gather_to_rank0(images, out, rank, world_size):
     """Each rank's images (samples rank, rank + W, ...) -> the whole run on rank 0 (None elsewhere), through part
     files beside `out` (no size limit, no GPU memory), removed once read."""
     part = out.with_name(f".{out.name}.rank{rank}-of-{world_size}.npy")
-    atomic_write(part, lambda f: np.save(f, images))
+    write_npy(part, images)
     dist.barrier()
     if rank != 0:
         return None
@@ -452,35 +460,12 @@ def parse_args(argv):
     return parser, args
 
 
-def exit_with_parent():
-    """Under torchrun: this worker gets SIGTERM when its launcher dies (Linux prctl PR_SET_PDEATHSIG), so a killed
-    launcher leaves no orphan behind (torchrun starts its workers in sessions of their own)."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the launcher died before the call
-        os._exit(1)
-
-
-def setup_distributed():
-    """(rank, world_size, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPU, gloo on CPU. A plain
-    `python` run is rank 0 of 1. (train.py uses it too.)"""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    exit_with_parent()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def main(argv=None):
     parser, args = parse_args(argv)
     rank, world_size, device = setup_distributed()
     try:
-        run(parser, args, rank, world_size, device)
+        with one_line_errors():
+            run(parser, args, rank, world_size, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -506,7 +491,7 @@ def run(parser, args, rank, world_size, device):
         autoencoder = load_autoencoder(vae, device=device, dtype=precision, shift_factor=scaling.get("shift_factor"),
                                        scaling_factor=scaling.get("scaling_factor"))  # frozen, in eval mode
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: --vae {vae}: {error}") from None
+        raise UserError(f"--vae {vae}: {error}") from None
 
     config = checkpoint["model_config"]
     if autoencoder.latent_channels != config["in_channels"]:

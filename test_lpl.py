@@ -63,6 +63,71 @@ def shared_file(relative):
 
 
 # ==================================================================================================================
+# runtime.py and the house: plumbing below everything, library code that raises
+# ==================================================================================================================
+
+PROJECT_FILES = sorted(p.stem for p in REPO.glob("*.py") if not p.stem.startswith("test_"))
+
+
+def project_imports(name):
+    """The project files that `name`.py imports, at the top or inside a function."""
+    import ast
+    tree = ast.parse((REPO / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(PROJECT_FILES) - {name}
+
+
+def test_runtime_imports_nothing_of_the_project_and_there_is_no_import_circle():
+    graph = {name: project_imports(name) for name in PROJECT_FILES}
+    assert graph["runtime"] == set()
+    visiting, done = set(), set()
+
+    def visit(name, path):
+        assert name not in visiting, f"import circle: {' -> '.join(path + [name])}"
+        if name in done:
+            return
+        visiting.add(name)
+        for other in graph[name]:
+            visit(other, path + [name])
+        visiting.discard(name)
+        done.add(name)
+    for name in graph:
+        visit(name, [])
+
+
+def test_library_code_raises_and_the_command_line_prints_one_line(tmp_path, capsys):
+    from runtime import UserError
+    with pytest.raises(UserError, match=r"^--data nowhere: no such folder$"):
+        data_lib.LatentDataset("nowhere")
+    with pytest.raises(UserError, match="--ckpt .*absent.pt: no such file"):
+        data_lib.load_checkpoint(tmp_path / "absent.pt")
+    with pytest.raises(SystemExit) as exit:  # the command line: the same line, no traceback
+        train.main(["--data", "nowhere", "--out", str(tmp_path / "run")])
+    assert str(exit.value) == "error: --data nowhere: no such folder"
+    script = "import data; data.LatentDataset('nowhere')"
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and "UserError: --data nowhere: no such folder" in done.stderr  # not SystemExit
+    done = subprocess.run([sys.executable, "train.py", "--data", "nowhere", "--out", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (1, "error: --data nowhere: no such folder\n")
+
+
+def test_atomic_output_leaves_the_old_file_when_the_write_fails(tmp_path):
+    from runtime import atomic_output, write_json
+    path = tmp_path / "deep" / "value.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_output(path) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("killed")
+    assert json.loads(path.read_text()) == {"a": 1} and sorted(os.listdir(path.parent)) == ["value.json"]
+
+
+# ==================================================================================================================
 # schedules.py: the three paradigms of Table 1
 # ==================================================================================================================
 
@@ -183,10 +248,6 @@ def test_config_round_trip():
 # ==================================================================================================================
 # model.py: the MMDiT
 # ==================================================================================================================
-
-# ============================================================================================
-# model.py
-# ============================================================================================
 
 
 TINY_MMDIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=4)
@@ -618,10 +679,6 @@ def test_conditioning_and_modulation_stay_float32_under_bf16_autocast():
 # autoencoder.py: checkpoints, decoder taps, the encode CLI
 # ==================================================================================================================
 
-# ==========================================================================================================
-# autoencoder.py
-# ==========================================================================================================
-
 
 def kodak_crops(names, size=256):
     """Center crops of Kodak photos, as images in [-1, 1]."""
@@ -680,6 +737,15 @@ def test_taef2_structure_and_taps(taef2, capsys):
     # the sibling decoder is found from the encoder's name, and said so
     A.load_autoencoder(shared_file("weights/taef2_decoder.pth"))
     assert "also loading" in capsys.readouterr().out
+
+
+def test_autoencoder_command_line_says_what_it_loaded(capsys):
+    ae = A.main([str(shared_file("weights/taef2_decoder.pth")), "--resolution", "64"])
+    out = capsys.readouterr().out
+    assert ae.family == "taef2" and "tiny autoencoder 'taef2'" in out
+    assert "decoder taps at 64 px (channels, height, width): (64, 8, 8), (64, 16, 16), (64, 32, 32), (64, 64, 64)" in out
+    with pytest.raises(SystemExit):  # datasets are encoded by data.py
+        A.main(["encode", "--vae", str(shared_file("weights/taef2_decoder.pth"))])
 
 
 def test_tiny_formats_load_identically(taef2, tmp_path):
@@ -1148,7 +1214,7 @@ def test_encode_kodak_folder(taef2, tmp_path, capsys):
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     latents = np.load(tmp_path / "ds" / "latents.npy", mmap_mode="r")
     assert latents.dtype == np.float16 and latents.shape == (16, 32, 8, 8)
-    assert (meta["count"], meta["resolution"], meta["scaling"], meta["shift"]) == (16, 64, 1.0, 0.0)
+    assert (meta["count"], meta["resolution"], meta["scaling_factor"], meta["shift_factor"]) == (16, 64, 1.0, 0.0)
     assert meta["labels"] is None and not (tmp_path / "ds" / "labels.npy").exists()
     assert not (tmp_path / "ds" / "_partial").exists() and "wrote 16 latents" in capsys.readouterr().out
     # The stored float16 latents decode as well as float32 latents straight from the encoder (within 0.05 dB).
@@ -1169,7 +1235,7 @@ def test_encode_labels_flip_and_unreadable(taef2, tmp_path, capsys):
             shutil.copy(kodak / f"{name}.png", tmp_path / "images" / label)
     (tmp_path / "images" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (tmp_path / "images" / "dog" / "notes.txt").write_text("not an image")
-    A.main(["encode", "--vae", str(shared_file("weights/taef2_encoder.pth")), "--vae-family", "taef2",  # the alias
+    data_lib.main(["encode", "--vae", str(shared_file("weights/taef2_encoder.pth")), "--vae-family", "taef2",
             "--scaling-factor", "0.5", "--shift-factor", "0.1", "--images", str(tmp_path / "images"),
             "--out", str(tmp_path / "ds"), "--resolution", "32", "--flip", "--batch-size", "3", "--workers", "1",
             "--device", "cpu"])
@@ -1177,7 +1243,7 @@ def test_encode_labels_flip_and_unreadable(taef2, tmp_path, capsys):
     assert "skipped unreadable" in out and "broken.png" in out and "1 unreadable images skipped" in out
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert (meta["count"], meta["skipped"], meta["class_names"], meta["num_classes"]) == (4, 1, ["cat", "dog"], 2)
-    assert (meta["scaling"], meta["shift"], meta["flip_latents"]) == (0.5, 0.1, "latents_flip.npy")
+    assert (meta["scaling_factor"], meta["shift_factor"], meta["flip_latents"]) == (0.5, 0.1, "latents_flip.npy")
     assert np.load(tmp_path / "ds" / "labels.npy").tolist() == [0, 0, 1, 1]
     files = sorted((tmp_path / "images").glob("*/kodim*.png"))
     images = adm_images(files, 32)
@@ -1233,18 +1299,19 @@ def test_encode_in_shares_merges_in_order(tmp_path):
 
 
 def test_roundtrip_cli(tmp_path, capsys):
-    value = A.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")),
+    value = data_lib.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")),
                     "--image", str(shared_file("data/kodak/kodim03.png")), "--out", str(tmp_path / "out.png"),
                     "--resolution", "128", "--device", "cpu"])
     assert "PSNR" in capsys.readouterr().out and value >= 28  # taef2 gives 32.0 dB on this crop
     assert Image.open(tmp_path / "out.png").size == (128, 128)
     # without --resolution: the largest centered crop with sides that are multiples of 8
     Image.open(shared_file("data/kodak/kodim03.png")).crop((100, 100, 170, 145)).save(tmp_path / "small.png")
-    A.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")), "--image", str(tmp_path / "small.png"),
+    data_lib.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")), "--image",
+                   str(tmp_path / "small.png"),
             "--out", str(tmp_path / "small_out.png"), "--device", "cpu"])
     assert Image.open(tmp_path / "small_out.png").size == (64, 40)
     with pytest.raises(SystemExit, match="not a multiple of 8"):
-        A.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")), "--image",
+        data_lib.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")), "--image",
                 str(shared_file("data/kodak/kodim03.png")), "--out", str(tmp_path / "x.png"), "--resolution", "100"])
 
 
@@ -2367,7 +2434,7 @@ def test_diverged_replicas_stop_the_run_before_saving(tmp_path, labels_data, mon
 
     trainer.world = 2
     monkeypatch.setattr(train.dist, "all_gather_object", gather_from_a_drifted_rank)
-    with pytest.raises(SystemExit, match="the ranks hold different weights"):
+    with pytest.raises(train.TrainingStopped, match="the ranks hold different weights"):
         trainer.save_checkpoint()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -2591,7 +2658,7 @@ def test_checkpoint_holds_plain_state(short_run):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """`python train.py --lpl` shortened to 2 steps (LPL from step 1, 4 validation rows): its folder's parent, which
-    also holds the demo's encoded datasets (demo-cache/), reused by the replicate test."""
+    also holds the demo's encoded datasets (demo-cache/)."""
     root = tmp_path_factory.mktemp("demo-root")
     train.main(["--lpl", "--steps", "2", "--lpl-start", "1", "--val-samples", "4", "--out", str(root / "demo")])
     return root
@@ -2648,15 +2715,19 @@ def test_lpl_flags_are_checked(tmp_path, labels_data, tiny_vae):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
-def test_lpl_unscales_latents_as_meta_json_says(tmp_path, tiny_vae):
+@pytest.mark.parametrize("names", [("scaling_factor", "shift_factor"), ("scaling", "shift")])  # and older meta.json
+def test_lpl_unscales_latents_as_meta_json_says(tmp_path, tiny_vae, names):
     """The decoder LPL uses must undo the scaling the latents were encoded with, whatever the checkpoint says."""
     data = write_dataset(tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())
-    (data / "meta.json").write_text(json.dumps({**meta, "scaling": 2.5, "shift": 0.25}))
+    (data / "meta.json").write_text(json.dumps({**meta, names[0]: 2.5, names[1]: 0.25}))
     args = check_args(parse_args(["--data", str(data), "--out", str(tmp_path / "run"), *TINY_RUN, "--lpl",
                                      "--vae", str(tiny_vae), "--precision", "fp32", "--vae-dtype", "fp32"]))
     trainer = Trainer(args, 0, 1, torch.device("cpu"))
     assert (trainer.ae.scaling_factor, trainer.ae.shift_factor) == (2.5, 0.25)
+    trainer.save_checkpoint()
+    saved = load(tmp_path / "run" / "checkpoints" / "last.pt")["latent_scaling"]
+    assert saved == dict(scaling_factor=2.5, shift_factor=0.25)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3363,16 +3434,13 @@ def test_stats_then_eval_of_the_same_images(tmp_path, inception_weights):
 # bench.py: the benchmark at CPU scale
 # ==================================================================================================================
 
-# ============================================================================================
-# bench.py
-# ============================================================================================
-
 
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
-    """`python bench.py suite --tiny --out DIR`, run once (the whole suite at CPU scale, ~20 s on 2 cores)."""
+    """`python suite.py --tiny --out DIR`, run once (the whole suite at CPU scale, ~20 s on 2 cores)."""
+    import suite as suite_lib
     out = tmp_path_factory.mktemp("suite")
-    suite = bench.main(["suite", "--tiny", "--out", str(out)])
+    suite = suite_lib.main(["--tiny", "--out", str(out)])
     return out, suite
 
 
@@ -3434,6 +3502,7 @@ def test_suite_fid_sample_subbatch_and_smoke_figures(tiny_suite):
 
 
 def test_suite_keeps_going_when_a_part_fails(tmp_path, monkeypatch):
+    import suite as suite_lib
     seen = {}
 
     def broken(name):
@@ -3443,8 +3512,8 @@ def test_suite_keeps_going_when_a_part_fails(tmp_path, monkeypatch):
         return benchmark
 
     for name in ("benchmark_train", "benchmark_sample", "benchmark_lpl_subbatch", "torchrun_smoke"):
-        monkeypatch.setattr(bench, name, broken(name))
-    suite = bench.main(["suite", "--tiny", "--out", str(tmp_path), "--peak-tflops", "123"])
+        monkeypatch.setattr(suite_lib, name, broken(name))
+    suite = suite_lib.main(["--tiny", "--out", str(tmp_path), "--peak-tflops", "123"])
     assert seen["benchmark_train"] == 123 and seen["benchmark_sample"] == 123  # --peak-tflops reaches both MFUs
     assert "deliberately broken" in suite["parts"]["train"]["error"]
     assert "error" not in suite["parts"]["fid"]  # ran after the failure
@@ -3621,12 +3690,21 @@ def test_synthetic_dataset_and_decoder_load_as_train_py_reads_them(tmp_path):
     (["lpl", "--gated", "0"], "--gated"),
     (["lpl", "--lpl-blocks", "6"], "--lpl-blocks"),
     (["sample", "--peak-tflops", "0"], "--peak-tflops"),
-    (["suite"], "--out"),
 ])
 def test_bad_flags_are_named(capsys, argv, flag):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_suite_needs_its_out_folder_and_bench_has_no_suite(capsys):
+    import suite as suite_lib
+    with pytest.raises(SystemExit):
+        suite_lib.main([])
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["suite", "--out", "x"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_lpl_bench_splits_the_step_and_counts_saved_bytes(tmp_path, capsys):
@@ -3657,9 +3735,13 @@ def test_lpl_subbatch_spread_of_identical_draws_is_exactly_zero(monkeypatch):
 
 
 def test_lpl_subbatch_without_a_gated_sample_says_which_flags_to_change():
-    with pytest.raises(SystemExit, match="--lpl-threshold"):
-        bench.benchmark_lpl_subbatch(bench.parse_args(["lpl-subbatch", "--resolution", "16", "--batch-size", "1",
-                                                       "--vae-ch", "32", "--lpl-threshold", "1e-6"]))
+    from runtime import UserError
+    argv = ["lpl-subbatch", "--resolution", "16", "--batch-size", "1", "--vae-ch", "32", "--lpl-threshold", "1e-6"]
+    with pytest.raises(UserError, match="--lpl-threshold"):  # the library raises
+        bench.benchmark_lpl_subbatch(bench.parse_args(argv))
+    with pytest.raises(SystemExit) as exit:  # the command line prints one line
+        bench.main(argv)
+    assert str(exit.value).startswith("bench.py lpl-subbatch: error: no sample of the batch passes the gate")
 
 
 def test_vae_arch_sets_the_latent_channels_of_data_and_flop_counts():
@@ -3669,27 +3751,44 @@ def test_vae_arch_sets_the_latent_channels_of_data_and_flop_counts():
     assert forward > bench.decoder_flops("sdxl", 32, (4, 8, 8), 5)[0]  # no quant conv, but 16 input channels
 
 
-# -- replicate: the A/B of LPL post-training ------------------------------------------------------
+# -- replicate.py: the A/B of LPL post-training ---------------------------------------------------
+
+def test_replicate_is_its_own_command_and_no_longer_a_bench_command():
+    done = subprocess.run([sys.executable, "replicate.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "--preset" in done.stdout and "python replicate.py --out" in done.stdout
+    done = subprocess.run([sys.executable, "bench.py", "replicate", "--out", "x"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "invalid choice: 'replicate'" in done.stderr
+    import replicate
+    settings = replicate.parse_args(["--out", "x", "--preset", "gpu", "--post-steps", "5"])
+    assert (settings.post_steps, settings.seeds, settings.model) == (5, [0, 1, 2], "S/2")  # the rest: the preset's
+
 
 def test_paired_change_is_over_rows_with_one_seed_and_over_seeds_with_several():
+    from replicate import paired_change
+
     def record(rows):
         return {"rows_of": {"hf_error": [rows]}}
     base, lpl = record([1.0, 2.0, 3.0]), record([0.9, 1.9, 2.6])  # differences -0.1, -0.1, -0.4; base mean 2
-    change, error = bench.paired_change([base], [lpl], "hf_error", 0)
+    change, error = paired_change([base], [lpl], "hf_error", 0)
     assert change == pytest.approx(-10.0) and error == pytest.approx(np.std([-0.1, -0.1, -0.4], ddof=1) / 3 ** 0.5 * 50)
-    change, error = bench.paired_change([base, base], [lpl, record([1.0, 2.0, 3.0])], "hf_error", 0)
+    change, error = paired_change([base, base], [lpl, record([1.0, 2.0, 3.0])], "hf_error", 0)
     assert change == pytest.approx(-5.0) and error == pytest.approx(5.0)  # seeds' changes -10% and 0%
     logs = [{"rows_of": {"hf_log_ratio": [[-0.2, -0.1]]}}, {"rows_of": {"hf_log_ratio": [[-0.1, 0.0]]}}]
-    assert bench.paired_change(logs[:1], logs[1:], "hf_log_ratio", 0)[0] == pytest.approx(0.1)  # a difference
+    assert paired_change(logs[:1], logs[1:], "hf_log_ratio", 0)[0] == pytest.approx(0.1)  # a difference
 
 
-def test_replicate_trains_both_arms_from_one_checkpoint_and_compares_them(demo_run, tmp_path):
-    """`python bench.py replicate` at a few steps: pre-training, two post-trainings from its checkpoint, the
-    evaluation of both on the held-out photos, the spectra of their samples, the table."""
+def test_replicate_trains_both_arms_from_one_checkpoint_and_compares_them(tmp_path, monkeypatch):
+    """`python replicate.py` at a few steps: pre-training, two post-trainings from its checkpoint, the evaluation
+    of both on the held-out photos, the spectra of their samples, the table. The demo data is made here with fewer
+    crops per photo (4 for training, 1 held out): 36 crops to encode instead of 640."""
+    import replicate
+    monkeypatch.setattr(data_lib, "DEMO_TRAIN_CROPS", 4)
+    monkeypatch.setattr(data_lib, "DEMO_VALIDATION_CROPS", 1)
     out = tmp_path / "ab"
-    shutil.copytree(demo_run / "demo-cache", out / "data")  # the demo's encoded crops: no second encoding
-    report = bench.main(["replicate", "--out", str(out), "--pre-steps", "2", "--post-steps", "2", "--val-samples", "4",
-                         "--val-draws", "2", "--samples", "4"])
+    report = replicate.main(["--out", str(out), "--batch-size", "8", "--pre-steps", "2", "--post-steps", "2",
+                             "--val-samples", "4", "--val-draws", "2", "--samples", "4"])
+    assert report["command"].startswith("python replicate.py --out ")
     pre = load(out / "pre" / "checkpoints" / "last.pt")
     for arm in ("base", "lpl"):
         checkpoint = load(out / f"{arm}-seed0" / "checkpoints" / "last.pt")

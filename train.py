@@ -21,7 +21,6 @@ sample grids from the EMA in OUT/samples/ when there is a decoder. OUT is locked
 import argparse
 import contextlib
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -32,13 +31,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import atomic_output, fail, load_checkpoint, run_folder, save_checkpoint
 from autoencoder import load_autoencoder
 from fid import upper_octave_log_ratio
-from lpl import NORMS, LatentPerceptualLoss
+from lpl import DEPTH_WEIGHTS, MASK_SOURCES, NORMS, LatentPerceptualLoss
 from model import MODELS, build_model
-from sample import (default_cfg_scale, latents_to_uint8, mmdit_model_fn, null_condition, sample, save_grid,
-                    setup_distributed)
+from runtime import (UserError, append_jsonl, load_checkpoint, one_line_errors, run_folder, save_checkpoint,
+                     setup_distributed, trim_jsonl)
+from sample import mmdit_model_fn, null_condition, preview_images, save_grid
 from schedules import OBJECTIVES, Diffusion
 
 CFG_DROPOUT = 0.1  # fraction of labels / contexts replaced by the null condition (classifier-free guidance)
@@ -51,6 +50,10 @@ DEMO = dict(model="demo", steps=600, global_batch_size=32, lr=1e-3, lpl_start=40
             eval_every=600, val_samples=64)  # python train.py [--lpl]: ~3.5 minutes on 2 CPU cores
 REAL = dict(model="XL/2", steps=400_000, global_batch_size=256, lr=1e-4, lpl_start=0, ckpt_every=50_000,
             log_every=100, eval_every=None, val_samples=256)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a non-finite loss, DDP replicas that diverged); the last good checkpoint stays."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,9 +92,9 @@ def build_parser():
                    help="tau in sigma/alpha units at 256 px, scaled by resolution/256 (Fig. 6: best 3-6)")
     g.add_argument("--lpl-blocks", type=int, help="decoder taps (Fig. 7; default: 5, or all a smaller decoder has)")
     g.add_argument("--lpl-norm", choices=NORMS, default="shared", help="feature normalisation (Sec. 3.2, 4.3)")
-    g.add_argument("--lpl-mask", choices=("prediction", "target", "none"), default="prediction",
+    g.add_argument("--lpl-mask", choices=MASK_SOURCES, default="prediction",
                    help="features the outlier mask is computed from (Eq. 3: the prediction's)")
-    g.add_argument("--lpl-depth-weights", choices=("resolution", "uniform"), default="resolution",
+    g.add_argument("--lpl-depth-weights", choices=DEPTH_WEIGHTS, default="resolution",
                    help="omega_l = r_1/r_l, or 1 for every layer (ablation)")
     g.add_argument("--lpl-start", type=int, help=f"step at which LPL switches on (Table 4; {real} 0, {demo} 400)")
     g.add_argument("--lpl-max-samples", type=int, help="per rank: LPL on at most this many gated samples (unbiased)")
@@ -121,7 +124,7 @@ def check_args(args):
     demo, defaults = args.data is None, vars(parse_args([]))
     lpl_flags = [f"--{k.replace('_', '-')}" for k in defaults if k.startswith("lpl_") and getattr(args, k) != defaults[k]]
     if not args.lpl and lpl_flags:
-        fail(f"{', '.join(lpl_flags)} given without --lpl: they would do nothing")
+        raise UserError(f"{', '.join(lpl_flags)} given without --lpl: they would do nothing")
     for name, value in (DEMO if demo else REAL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -129,19 +132,20 @@ def check_args(args):
         args.out = args.out or "runs/demo"
         args.vae = args.vae or str(data.DEMO_VAE)
     if args.out is None:
-        fail("--out DIR is required with --data (checkpoints go to DIR/checkpoints)")
+        raise UserError("--out DIR is required with --data (checkpoints go to DIR/checkpoints)")
     args.sample_every = args.ckpt_every if args.sample_every is None else args.sample_every
     args.eval_every = args.eval_every or args.ckpt_every
     for flag in ("steps", "global_batch_size", "grad_accum", "ckpt_every", "log_every", "eval_every", "val_samples",
                  "val_draws"):
         if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.sample_every < 0 or args.lpl_start < 0:
-        fail("--sample-every and --lpl-start must be >= 0")
+        raise UserError("--sample-every and --lpl-start must be >= 0")
     if args.lpl and args.vae is None:
-        fail("--lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
+        raise UserError("--lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
     if args.resume and args.init_from:
-        fail("--resume and --init-from exclude each other (resume continues a run; init-from starts a new one)")
+        raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts a "
+                        "new one)")
     return args
 
 
@@ -151,12 +155,25 @@ def check_resume_args(checkpoint, args, path):
     different = [f"--{k.replace('_', '-')} {shown(saved.get(k))} (checkpoint) vs {shown(getattr(args, k))} (given)"
                  for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
     if different:
-        fail(f"--resume {path} was trained with other settings: " + "; ".join(different))
+        raise UserError(f"--resume {path} was trained with other settings: " + "; ".join(different))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The EMA, and the weights checksum that compares DDP replicas
+# The optimiser, the learning rate, the EMA, and the weights checksum that compares DDP replicas
 # ----------------------------------------------------------------------------------------------------------------
+
+def build_optimizer(model, lr, weight_decay, device):
+    """AdamW over every weight of the MMDiT, betas (0.9, 0.999) as DiT; fused kernels on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
+                             fused=torch.device(device).type == "cuda")
+
+
+def learning_rate(step, lr, warmup_steps):
+    """The learning rate of optimiser step `step` (0-based): a linear warm-up over warmup_steps, then constant."""
+    if warmup_steps == 0:
+        return lr
+    return lr * min(1.0, (step + 1) / warmup_steps)
+
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
@@ -216,8 +233,7 @@ def evaluate(model, diffusion, val, ae=None, lpl=None, levels=VAL_LEVELS, count=
                     log_ratio = upper_octave_log_ratio(x0_hat.clamp(-1, 1), x0.clamp(-1, 1))
                     figures.update(hf_log_ratio=log_ratio.mean(1), hf_error=log_ratio.abs().mean(1))
                 if lpl is not None and level <= lpl.tau(val.resolution):  # per row, where the gate lets LPL act
-                    phi, phi_hat = lpl.features(z0_hat, z0)
-                    figures["lpl"] = torch.stack(lpl.layer_terms(phi, phi_hat, lpl.masks(phi, phi_hat))).sum(0)
+                    figures["lpl"] = lpl.per_sample(z0_hat, z0)[0]
                 for name, value in figures.items():
                     total = per_row.setdefault(name, torch.zeros(len(levels), len(rows), dtype=torch.float64))
                     total[i, start: start + len(z0)] += value.double().cpu()
@@ -248,8 +264,8 @@ class Trainer:
         self.data = data.LatentDataset(args.data)
         self.val = data.LatentDataset(args.val_data, "--val-data") if args.val_data else None
         if args.global_batch_size % (world * args.grad_accum):
-            fail(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x "
-                 f"--grad-accum {args.grad_accum}")
+            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x "
+                            f"--grad-accum {args.grad_accum}")
         self.micro_batch = args.global_batch_size // (world * args.grad_accum)
         self.sampler = data.EpochSampler(len(self.data), self.micro_batch, rank, world, args.seed)
         self.ae = self.load_vae()
@@ -258,8 +274,7 @@ class Trainer:
         shift = args.flow_shift if args.flow_shift is not None else self.data.resolution / 256
         self.diffusion = Diffusion(args.objective, shift=shift) if args.objective == "flow" else Diffusion(args.objective)
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                           betas=(0.9, 0.999), fused=device.type == "cuda")
+        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, device)
         # Per rank: times, label dropout and LPL sub-batches on a CPU generator (the LPL gate needs no host-device
         # sync), noise on a device generator. Validation and sample grids use generators of their own.
         self.cpu_generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
@@ -276,6 +291,7 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.train_model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
+        self.model_fn = mmdit_model_fn(self.model, forward=self.train_model)  # (x, t, condition) -> prediction
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -285,15 +301,14 @@ class Trainer:
             return None
         dtype = torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32
         # The latents were scaled when they were encoded: LPL and decoding must unscale them the same way.
-        scaling, shift = self.data.meta.get("scaling"), self.data.meta.get("shift")
         try:
-            ae = load_autoencoder(args.vae, device=self.device, dtype=dtype, scaling_factor=scaling,
-                                  shift_factor=shift, verbose=self.rank == 0)
+            ae = load_autoencoder(args.vae, device=self.device, dtype=dtype, **self.data.latent_scaling,
+                                  verbose=self.rank == 0)
         except (ValueError, FileNotFoundError) as error:
-            fail(f"--vae {args.vae}: {error}")
+            raise UserError(f"--vae {args.vae}: {error}") from None
         if ae.latent_channels != self.data.latent_shape[0]:
-            fail(f"--vae {args.vae} has {ae.latent_channels} latent channels, but the latents in --data {args.data} "
-                 f"have {self.data.latent_shape[0]}")
+            raise UserError(f"--vae {args.vae} has {ae.latent_channels} latent channels, but the latents in --data "
+                            f"{args.data} have {self.data.latent_shape[0]}")
         self.log(f"autoencoder: {ae.describe()} ({dtype}); latent scale and shift from {args.data}/meta.json")
         return ae
 
@@ -308,7 +323,9 @@ class Trainer:
                                        max_samples=args.lpl_max_samples, compile=args.lpl_compile)
         except ValueError as error:  # lpl.py names its argument; say which flag it came from
             flag = dict(n_blocks="blocks", threshold="threshold", max_samples="max-samples").get(str(error).split()[0])
-            fail(f"--lpl-{flag} {getattr(args, 'lpl_' + flag.replace('-', '_'))}: {error}" if flag else f"--lpl: {error}")
+            if flag is None:
+                raise UserError(f"--lpl: {error}") from None
+            raise UserError(f"--lpl-{flag} {getattr(args, 'lpl_' + flag.replace('-', '_'))}: {error}") from None
         self.log(f"LPL: w {args.lpl_weight}, {lpl.n_blocks} blocks, tau {lpl.tau(self.data.resolution):g} at "
                  f"{self.data.resolution}px, norm {args.lpl_norm}, mask from {args.lpl_mask}, from step {args.lpl_start}")
         return lpl
@@ -322,8 +339,8 @@ class Trainer:
             overrides["context_dim"] = self.data.context_shape[-1]
         patch = MODELS[args.model]["patch_size"]
         if height != width or height % patch:
-            fail(f"--data latents are {channels}x{height}x{width}; --model {args.model} needs square latents whose "
-                 f"side is a multiple of its patch size {patch}")
+            raise UserError(f"--data latents are {channels}x{height}x{width}; --model {args.model} needs square "
+                            f"latents whose side is a multiple of its patch size {patch}")
         with torch.random.fork_rng(devices=[]):  # initial weights from --seed alone; the global RNG is left as it was
             torch.manual_seed(args.seed)
             model = build_model(args.model, **overrides)  # built on the CPU: the same weights on every device
@@ -344,8 +361,8 @@ class Trainer:
         self.load_weights(checkpoint, "--resume")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if len(checkpoint["rng"]) != self.world:
-            fail(f"--resume was written by {len(checkpoint['rng'])} ranks, this run has {self.world}: a bit-exact "
-                 "continuation needs the same number")
+            raise UserError(f"--resume was written by {len(checkpoint['rng'])} ranks, this run has {self.world}: a "
+                            "bit-exact continuation needs the same number")
         self.cpu_generator.set_state(checkpoint["rng"][self.rank]["cpu"])
         self.noise_generator.set_state(checkpoint["rng"][self.rank]["noise"])
         self.sampler.load_state_dict(checkpoint["data"])
@@ -356,8 +373,8 @@ class Trainer:
         different = [f"{k} {saved.get(k)} (checkpoint) vs {v} (this run)" for k, v in ours.items()
                      if k not in ("input_size", "gradient_checkpointing") and saved.get(k) != v]
         if different:
-            fail(f"{flag} holds a different model (trained with --model {checkpoint['args'].get('model')}): "
-                 + "; ".join(different))
+            raise UserError(f"{flag} holds a different model (trained with --model "
+                            f"{checkpoint['args'].get('model')}): " + "; ".join(different))
         self.model.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
 
@@ -372,14 +389,13 @@ class Trainer:
             dist.all_gather_object(states, mine)
         checksums = [s["checksum"] for s in states]
         if len(set(checksums)) > 1:  # every rank sees the same list, so every rank stops
-            fail(f"at step {self.step} the ranks hold different weights (checksums {checksums}): the DDP replicas "
-                 f"diverged; stopping without saving: {self.last_good_checkpoint()}")
+            raise TrainingStopped(f"at step {self.step} the ranks hold different weights (checksums {checksums}): the "
+                                  f"DDP replicas diverged; stopping without saving: {self.last_good_checkpoint()}")
         if self.rank == 0:
             state.update(rng=[s["rng"] for s in states], replica_checksums=checksums, args=vars(self.args),
                          model_config=self.model.config, diffusion=self.diffusion.config(),
                          class_names=self.data.class_names, resolution=self.data.resolution,
-                         latent_scaling=dict(scaling_factor=self.data.meta.get("scaling"),
-                                             shift_factor=self.data.meta.get("shift")))
+                         latent_scaling=self.data.latent_scaling)
             self.log(f"saved {save_checkpoint(state, self.out / 'checkpoints', self.step)}")
         if self.world > 1:
             dist.barrier()
@@ -411,12 +427,10 @@ class Trainer:
 
     def losses(self, z0, condition, t, noise):
         """(L_tot, stats) of one micro-batch."""
-        key = "y" if self.data.conditioning == "labels" else "context"
-        condition = {} if condition is None else {key: condition}
         t_device = t.to(self.device, non_blocking=True)
         zt = self.diffusion.add_noise(z0, noise, t_device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            prediction = self.train_model(zt, t_device, **condition).float()
+            prediction = self.model_fn(zt, t_device, condition).float()
             loss_diffusion = F.mse_loss(prediction, self.diffusion.target(z0, noise, t_device))
             stats = dict(diffusion=loss_diffusion.detach())
             if not self.lpl_active():
@@ -429,9 +443,8 @@ class Trainer:
     def train_step(self, batches):
         """One optimiser step over the micro-batches -> stats as device tensors (no host-device sync)."""
         args, totals = self.args, {}
-        lr = args.lr * min(1.0, (self.step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = learning_rate(self.step, args.lr, args.warmup_steps)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or self.world == 1 else self.train_model.no_sync():
@@ -460,8 +473,8 @@ class Trainer:
             values /= self.world
         record = dict(step=self.step, **dict(zip(names, values.tolist())))
         if not math.isfinite(record["loss"]):
-            fail(f"non-finite loss in steps {self.step - steps + 1}..{self.step}; stopping: "
-                 f"{self.last_good_checkpoint()}")
+            raise TrainingStopped(f"non-finite loss in steps {self.step - steps + 1}..{self.step}; stopping: "
+                                  f"{self.last_good_checkpoint()}")
         record.update(lr=self.optimizer.param_groups[0]["lr"],
                       img_per_s=steps * self.args.global_batch_size / seconds)
         if self.device.type == "cuda":
@@ -471,16 +484,16 @@ class Trainer:
 
     def append_log(self, record):
         if self.rank == 0:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.out / "log.jsonl", record)
 
     def validate(self):
         """Rank 0 evaluates the EMA and the raw weights on --val-data (evaluate); the other ranks wait."""
         if self.rank == 0:
             for name, model in (("ema", self.ema), ("raw", self.model)):
-                figures = evaluate(model.eval(), self.diffusion, self.val, self.ae, self.lpl, count=self.args.val_samples,
-                                   draws=self.args.val_draws, batch_size=self.micro_batch, seed=self.args.seed,
-                                   device=self.device, autocast_dtype=self.autocast_dtype)
+                figures = evaluate(model.eval(), self.diffusion, self.val, self.ae, self.lpl,
+                                   count=self.args.val_samples, draws=self.args.val_draws,
+                                   batch_size=self.micro_batch, seed=self.args.seed, device=self.device,
+                                   autocast_dtype=self.autocast_dtype)
                 self.model.train()
                 self.append_log(dict(step=self.step, eval=name, **figures))
                 near = min(range(len(VAL_LEVELS)), key=lambda i: abs(VAL_LEVELS[i] - 1))
@@ -491,31 +504,26 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    @torch.no_grad()
     def sample_grid(self):
-        """16 samples of the EMA model, decoded, as OUT/samples/step-N.png (rank 0)."""
+        """16 samples of the EMA (conditions: the first rows of --data) as OUT/samples/step-N.png, on rank 0."""
         if self.rank != 0 or self.ae is None:
             return
-        generator = torch.Generator().manual_seed(self.args.seed)
-        noise = torch.randn((16, *self.data.latent_shape), generator=generator).to(self.device)
-        cond = null = None
+        conditions = None
         if self.data.conditioning != "none":
-            cond = self.data.get([i % self.data.count for i in range(16)])[1].to(self.device)  # the first rows'
-            null = null_condition(self.model, cond)
+            conditions = self.data.get([i % self.data.count for i in range(16)])[1]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            z0 = sample(mmdit_model_fn(self.ema), self.diffusion, noise, steps=50, cond=cond, null_cond=null,
-                        cfg_scale=default_cfg_scale(self.data.resolution) if cond is not None else 1.0)
-            images = self.ae.decode(z0.to(self.ae.dtype)).float()
+            images = preview_images(self.ema, self.diffusion, self.ae, self.data.latent_shape, conditions,
+                                    self.args.seed, self.device)
         path = self.out / "samples" / f"step-{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(latents_to_uint8(images), path)
+        save_grid(images, path)
         self.log(f"sample grid {path}")
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def train(self):
         args = self.args
-        self.trim_log()
+        if self.rank == 0:  # on resume, drop the lines a crashed run wrote after the checkpoint; fresh: all
+            trim_jsonl(self.out / "log.jsonl", self.step)
         if self.step >= args.steps:
             self.log(f"nothing to do: the checkpoint is at step {self.step}, --steps is {args.steps}")
             return
@@ -531,7 +539,8 @@ class Trainer:
             progress.update(1)
             at_end, step = self.step == args.steps, self.step
             evaluate_now = self.val is not None and (step % args.eval_every == 0 or at_end)
-            save_now, grid_now = step % args.ckpt_every == 0 or at_end, args.sample_every and step % args.sample_every == 0
+            save_now = step % args.ckpt_every == 0 or at_end
+            grid_now = args.sample_every and (step % args.sample_every == 0 or at_end)
             # a log before anything is written or evaluated: it stops the run at a non-finite loss
             if step % args.log_every == 0 or at_end or save_now or evaluate_now or lpl_was_active != self.lpl_active():
                 record = self.write_log(sums, steps, time.perf_counter() - started)
@@ -541,34 +550,28 @@ class Trainer:
                 self.validate()
             if save_now:
                 self.save_checkpoint()
-            if args.sample_every and (grid_now or at_end):
+            if grid_now:
                 self.sample_grid()
         progress.close()
 
-    def trim_log(self):
-        """Keep the log lines up to this run's step: on resume, drop those a crashed run wrote after the
-        checkpoint; on a fresh start in an old folder, drop the old run's."""
-        path = self.out / "log.jsonl"
-        if self.rank == 0 and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line a killed run half-wrote
-                    if json.loads(line)["step"] <= self.step:
-                        kept.append(line + "\n")
-            with atomic_output(path) as temporary:
-                temporary.write_text("".join(kept))
 
 
 def main(argv=None):
-    args = check_args(parse_args(argv))
+    """The command line: a bad flag or file, or a run that had to stop, is one line `error: ...`, no traceback."""
+    with one_line_errors(also=(TrainingStopped,)):
+        run(check_args(parse_args(argv)))
+
+
+def run(args):
+    """Loads what a resume needs, starts the processes, makes the demo data if asked, trains in a locked folder."""
     resume = None
     if args.resume:
         path = Path(args.out) / "checkpoints" / "last.pt" if args.resume == "last" else Path(args.resume)
         resume = load_checkpoint(path, "--resume", mmap=True)
         check_resume_args(resume, args, path)
     elif (Path(args.out) / "checkpoints" / "last.pt").exists():
-        fail(f"{args.out}/checkpoints/last.pt exists: continue that run with --resume last, or start a new one in "
-             f"another --out (or remove {args.out})")
+        raise UserError(f"{args.out}/checkpoints/last.pt exists: continue that run with --resume last, or start a "
+                        f"new one in another --out (or remove {args.out})")
     rank, world, device = setup_distributed()
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.vae_dtype = args.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -586,8 +589,8 @@ def main(argv=None):
         with run_folder(args.out, rank):
             Trainer(args, rank, world, device, resume).train()
         if demo and rank == 0:
-            print(f"demo finished: {args.out}/log.jsonl (validation lines: \"eval\"), {args.out}/samples/. A toy run with a "
-                  "real decoder, not a result: README.md, 'The demo' and 'Evidence'")
+            print(f"demo finished: {args.out}/log.jsonl (validation lines: \"eval\"), {args.out}/samples/. A toy run "
+                  "with a real decoder, not a result: README.md, 'The demo' and 'Evidence'")
     finally:
         if world > 1:
             dist.destroy_process_group()
