@@ -393,10 +393,21 @@ class LatentAutoencoder(nn.Module):
         return self.decoder.num_stages
 
     def encode(self, images):
-        """Images in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
+        """Images in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8): the posterior mean."""
         self._require("encoder")
         z = self.encode_unscaled(images.to(self.dtype))
         return (z - self.shift_factor) * self.scaling_factor
+
+    def encode_posterior(self, images):
+        """Images -> (mean, std) of the scaled posterior N(mean, std^2) of a KL autoencoder: a sample of it,
+        mean + std * N(0, 1), is what DiT trained on (`latent_dist.sample() * 0.18215`)."""
+        self._require("encoder")
+        if self.kind != "kl" or self.bn is not None:
+            raise ValueError(f"{self.kind} autoencoder '{self.family}': no posterior std (KL VAEs without a latent "
+                             "BatchNorm only)")
+        mean, log_variance = self.encoder_moments(images.to(self.dtype)).chunk(2, dim=1)
+        std = (0.5 * log_variance.clamp(-30.0, 20.0)).exp()  # the clamp of LDM's DiagonalGaussianDistribution
+        return (mean - self.shift_factor) * self.scaling_factor, std * self.scaling_factor
 
     def decode(self, latents):
         """Scaled latents -> images, about [-1, 1] (not clamped: LPL and users may backpropagate through it)."""
@@ -467,11 +478,13 @@ class KLAutoencoder(LatentAutoencoder):
             if decoder_layout and decoder_layout.quant_conv else None
         self.bn = PatchBatchNorm(self.latent_channels) if batch_norm else None
 
-    def encode_unscaled(self, images):
+    def encoder_moments(self, images):
+        """(B, 2C, h, w): the posterior mean, then its log variance (LDM's `moments`)."""
         moments = self.encoder(images)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        mean, _log_variance = moments.chunk(2, dim=1)  # the posterior mean, not a sample: deterministic datasets
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def encode_unscaled(self, images):
+        mean, _log_variance = self.encoder_moments(images).chunk(2, dim=1)  # the mean: deterministic datasets
         return mean if self.bn is None else self.bn.normalize(mean)
 
     def decoder_input(self, z):

@@ -59,7 +59,7 @@ import fid
 import train
 from autoencoder import KL_ARCHS, build_kl_autoencoder, save_autoencoder
 from lpl import MASK_SOURCES, NORMS, LatentPerceptualLoss
-from model import MODELS, build_model
+from model import MODELS, backbone_diffusion, build_model
 from runtime import UserError, one_line_errors, write_json, write_npy, write_text
 from sample import mmdit_model_fn, null_condition, sample, sample_share
 from schedules import Diffusion
@@ -523,7 +523,9 @@ def summarize_variant(report, settings, variant, run, baseline, model_step, peak
         return dict(name=run["name"], error=run["error"])
     forward, backward = decoder_flops(settings.vae_arch, settings.vae_ch, latent_shape_of(settings),
                                       variant.lpl_blocks)
-    fraction = expected_gated_fraction(Diffusion("eps"), variant.lpl_threshold * settings.resolution / 256)
+    backbone = MODELS[settings.model].get("backbone")  # a DiT / SiT / REPA size trains on its own process
+    diffusion = backbone_diffusion(backbone) if backbone else Diffusion("eps")
+    fraction = expected_gated_fraction(diffusion, variant.lpl_threshold * settings.resolution / 256)
     expected = expected_decoded(settings.batch_size, fraction, variant.lpl_max_samples)
     lpl_model, lpl_hardware = lpl_flops(run["decoded_per_step"], forward, backward, variant.lpl_checkpointing)
     lpl_seconds = run["step_s"] - baseline["step_s"]

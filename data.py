@@ -7,6 +7,9 @@ A dataset is a folder (a shard), or a folder whose sub-folders are shards. A sha
     latents.npy        (N, C, h, w) float16  scaled latents z = (E(x) - shift_factor) * scaling_factor of images x
                                              in [-1, 1]
     latents_flip.npy   (N, C, h, w) float16  optional: row i is image i flipped left-right
+    latents_std.npy    (N, C, h, w) float16  optional: the scaled posterior std of a KL VAE (latents.npy holds the
+                                             mean): a batch then draws z = mean + std * N(0, 1), as DiT trained
+                                             (`latent_dist.sample()`); with flips also latents_flip_std.npy
     labels.npy         (N,) int64            optional: the class of row i, in [0, len(class_names))
     context.npy        (N, L, D) float16     optional, instead of labels: precomputed text embeddings (L tokens)
     meta.json                                written last: a shard without it is incomplete
@@ -116,13 +119,21 @@ def keep_as_list(batch):
 # The writer: an image folder -> latents.npy (+ latents_flip.npy, labels.npy) + meta.json
 # ----------------------------------------------------------------------------------------------------------------
 
+def array_names(args):
+    """The arrays an encode writes, in the order one encoder call produces them (see encode_share)."""
+    names = ["latents.npy"] + (["latents_flip.npy"] if args.flip else [])
+    if args.posterior_std:
+        names += [name.replace(".npy", "_std.npy") for name in names]
+    return names
+
+
 def encode_share(args, ae, files, share, part, device, show_progress):
     """Encodes files[share] into part/latents.npy (and latents_flip.npy), resuming from part/progress.json when
     it was written by the same settings. Rows of unreadable images stay zero and are listed as skipped."""
     shape = (len(share), ae.latent_channels, args.resolution // ae.downsample, args.resolution // ae.downsample)
-    key = hashlib.sha1(json.dumps([ae.describe(), [str(files[i]) for i in share], args.resolution, args.flip],
-                                  ).encode()).hexdigest()
-    names = ["latents.npy"] + (["latents_flip.npy"] if args.flip else [])
+    key = hashlib.sha1(json.dumps([ae.describe(), [str(files[i]) for i in share], args.resolution, args.flip,
+                                   args.posterior_std]).encode()).hexdigest()
+    names = array_names(args)
     progress_path = part / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
     if progress.get("key") == key:
@@ -148,8 +159,9 @@ def encode_share(args, ae, files, share, part, device, show_progress):
             images = to_model_images(torch.stack([image for _, image in good]).to(device))
             if args.flip:
                 images = torch.cat([images, images.flip(-1)])  # (2B, 3, R, R): flipped copies encoded alongside
-            with torch.no_grad():
-                latents = ae.encode(images).float().cpu().numpy().astype(np.float16)
+            with torch.no_grad():  # [mean, flipped mean] (+ [std, flipped std]): the order of array_names
+                latents = torch.cat(ae.encode_posterior(images)) if args.posterior_std else ae.encode(images)
+                latents = latents.float().cpu().numpy().astype(np.float16)
             rows = [index for index, _ in good]
             for array, chunk in zip(arrays, np.split(latents, len(arrays))):
                 array[rows] = chunk
@@ -221,10 +233,10 @@ def encode_folder(args, rank=0, world_size=1, barrier=lambda: None, ae=None):
     barrier()
     if rank != 0:
         return
-    names = ["latents.npy"] + (["latents_flip.npy"] if args.flip else [])
+    names = array_names(args)
     kept, skipped = merge_shares(out, parts, names, files, shares, labels)
     produced = set(names) | ({"labels.npy"} if labels is not None else set())
-    for stale in {"latents_flip.npy", "labels.npy"} - produced:
+    for stale in {"latents_flip.npy", "latents_std.npy", "latents_flip_std.npy", "labels.npy"} - produced:
         (out / stale).unlink(missing_ok=True)  # left by an earlier run with other flags
     meta = {
         "autoencoder": str(Path(ae.files[0]).resolve()),
@@ -235,6 +247,7 @@ def encode_folder(args, rank=0, world_size=1, barrier=lambda: None, ae=None):
         "count": len(kept), "latent_shape": [ae.latent_channels, *[args.resolution // ae.downsample] * 2],
         "dtype": "float16", "latents": "latents.npy",
         "flip_latents": "latents_flip.npy" if args.flip else None,  # row i: image i flipped left-right
+        "posterior_std": "latents_std.npy" if args.posterior_std else None,
         "labels": "labels.npy" if labels is not None else None,
         "class_names": class_names, "num_classes": len(class_names) if class_names else None,
         "images": str(Path(args.images).resolve()), "skipped": len(skipped),
@@ -286,11 +299,12 @@ class LatentDataset:
         self.shards = [self.open_shard(s) for s in shards]
         first = self.shards[0]
         for shard in self.shards[1:]:
-            for key in ("latent_shape", "conditioning", "flips", "class_names"):
+            for key in ("latent_shape", "conditioning", "flips", "posterior_std", "class_names"):
                 if shard[key] != first[key]:
                     raise UserError(f"{flag}: shard {shard['path']} has {key} {shard[key]}, but {first['path']} has {first[key]}")
         self.meta, self.latent_shape = first["meta"], first["latent_shape"]
         self.conditioning, self.flips, self.class_names = first["conditioning"], first["flips"], first["class_names"]
+        self.posterior_std = first["posterior_std"]  # latents.npy holds posterior means, latents_std.npy their std
         self.num_classes = len(self.class_names) if self.conditioning == "labels" else None
         self.context_shape = first["context"].shape[1:] if self.conditioning == "context" else None
         self.offsets = np.cumsum([0] + [len(s["latents"]) for s in self.shards])
@@ -322,6 +336,14 @@ class LatentDataset:
             raise UserError(f"{flag}: {flip_path} has shape {flips.shape}, {path / 'latents.npy'} {latents.shape}")
         shard = dict(path=path, meta=meta, latents=latents, flip_latents=flips, flips=flips is not None,
                      latent_shape=tuple(latents.shape[1:]), class_names=meta.get("class_names"))
+        std_names = ["latents_std.npy"] + (["latents_flip_std.npy"] if flips is not None else [])
+        stds = [load_npy(path / name, flag) if (path / name).exists() else None for name in std_names]
+        for name, std in zip(std_names, stds):
+            if std is not None and std.shape != latents.shape:
+                raise UserError(f"{flag}: {path / name} has shape {std.shape}, {path / 'latents.npy'} {latents.shape}")
+        if any(std is not None for std in stds) and any(std is None for std in stds):
+            raise UserError(f"{flag}: {path} holds some of {std_names}, not all (encode --posterior-std writes all)")
+        shard.update(std=stds[0], flip_std=stds[-1], posterior_std=stds[0] is not None)
         if (path / "labels.npy").exists():
             labels = load_npy(path / "labels.npy", flag)
             if labels.shape != (len(latents),):
@@ -344,23 +366,44 @@ class LatentDataset:
     def __len__(self):
         return self.count * (2 if self.flips else 1)
 
+    def locate(self, indices):
+        """Rows of the (doubled) index space -> [(shard, flipped, positions in the batch, rows of the shard)], the
+        rows sorted: each array is then read with one gather per shard, in file order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        flipped, index = np.divmod(indices, self.count)
+        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        rows = index - self.offsets[shard_of]
+        groups = []
+        for shard_index in np.unique(shard_of):
+            for flip in (0, 1):
+                positions = np.flatnonzero((shard_of == shard_index) & (flipped == flip))
+                if len(positions):
+                    order = np.argsort(rows[positions], kind="stable")
+                    groups.append((self.shards[shard_index], bool(flip), positions[order], rows[positions][order]))
+        return groups
+
+    def gather(self, groups, count, name, flipped_name=None):
+        """One array of the shards (`flipped_name` for flipped rows) at the located rows -> numpy (count, ...)."""
+        out = None
+        for shard, flipped, positions, rows in groups:
+            values = shard[flipped_name if flipped else name][rows]
+            if out is None:
+                out = np.empty((count, *values.shape[1:]), dtype=values.dtype)
+            out[positions] = values
+        return out
+
     def get(self, indices):
         """Rows of the (doubled) index space -> latents (B, C, h, w) float32 and the condition, as CPU tensors."""
-        latents, conditions = [], []
-        for index in indices:
-            flipped, index = divmod(int(index), self.count)
-            shard_index = int(np.searchsorted(self.offsets, index, side="right")) - 1
-            shard, row = self.shards[shard_index], index - int(self.offsets[shard_index])
-            latents.append(shard["flip_latents" if flipped else "latents"][row])
-            if self.conditioning == "labels":
-                conditions.append(shard["labels"][row])
-            elif self.conditioning == "context":
-                conditions.append(shard["context"][row])
-        latents = torch.from_numpy(np.stack(latents).astype(np.float32))
+        groups = self.locate(indices)
+        latents = torch.from_numpy(self.gather(groups, len(indices), "latents", "flip_latents").astype(np.float32))
         if self.conditioning == "none":
             return latents, None
-        condition = torch.from_numpy(np.stack(conditions))
+        condition = torch.from_numpy(self.gather(groups, len(indices), self.conditioning, self.conditioning))
         return latents, condition.long() if self.conditioning == "labels" else condition.float()
+
+    def get_std(self, indices):
+        """The posterior std of the rows (B, C, h, w) float32 (a dataset encoded with --posterior-std)."""
+        return torch.from_numpy(self.gather(self.locate(indices), len(indices), "std", "flip_std").astype(np.float32))
 
 
 class EpochSampler:
@@ -433,7 +476,7 @@ def build_demo_data(cache, resolution=DEMO_RESOLUTION, log=print):
             for i, crop in enumerate(demo_crops(photo, count, resolution, rng)):
                 Image.fromarray(crop).save(images / f"{photo.stem}-{i:03d}.png")
         args = argparse.Namespace(images=images, out=cache / split, resolution=resolution, flip=flip, batch_size=64,
-                                  workers=0, device="cpu")
+                                  workers=0, device="cpu", posterior_std=False)
         if ae is None:
             ae = load_autoencoder(DEMO_VAE, verbose=False)
         encode_folder(args, ae=ae)
@@ -507,6 +550,8 @@ def build_parser():
     encode.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     encode.add_argument("--resolution", type=int, default=256, help="ADM center crop to this square size")
     encode.add_argument("--flip", action="store_true", help="also write latents_flip.npy (left-right flipped images)")
+    encode.add_argument("--posterior-std", action="store_true",
+                        help="also write latents_std.npy: training then samples the posterior, as DiT did")
     encode.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     encode.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     roundtrip = commands.add_parser("roundtrip", parents=[vae], formatter_class=formatter,

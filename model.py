@@ -33,12 +33,19 @@ device, so instantly, even for the largest); the defaults are the ImageNet setti
     python model.py --model paper --input-size 32 --in-channels 16 --context-dim 4096 --context-tokens 77
 """
 import argparse
+import json
 import math
+import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from runtime import UserError, atomic_output, load_checkpoint, load_safetensors, one_line_errors
+from schedules import Diffusion
 
 TIME_SCALE = 1000  # t in [0, 1] is embedded as the sin-cos of 1000 * t, the DDPM step range
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep embedding (DiT)
@@ -91,13 +98,13 @@ def sincos_position_embedding(grid_height, grid_width, dim, device, dtype=torch.
     return grid.flatten(0, 1).to(dtype)  # (h*w, dim), the order of `patchify`
 
 
-def timestep_embedding(t, dim=TIMESTEP_FREQUENCIES, max_period=10000):
-    """Sinusoidal embedding (B,) -> (B, dim) of 1000 * t, the DDPM step range (DiT, Ho et al.), in t's dtype
-    (at least float32: bf16 cannot resolve 1000 * t)."""
+def timestep_embedding(t, dim=TIMESTEP_FREQUENCIES, max_period=10000, scale=TIME_SCALE):
+    """Sinusoidal embedding (B,) -> (B, dim) of scale * t: by default 1000 * t, the DDPM step range (DiT, Ho et
+    al.). In t's dtype (at least float32: bf16 cannot resolve 1000 * t), with DiT's order of operations."""
     dtype = torch.promote_types(t.dtype, torch.float32)
     half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) / half * torch.arange(half, device=t.device, dtype=dtype))
-    angles = (TIME_SCALE * t.to(dtype))[:, None] * frequencies  # (B, dim/2)
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    angles = (scale * t.to(dtype))[:, None] * frequencies  # (B, dim/2)
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
@@ -184,15 +191,15 @@ def make_modulation(hidden_size, count, adaln_single):
 # --------------------------------------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) in [0, 1] -> (B, D): sinusoidal embedding of 1000 * t, then a 2-layer MLP (DiT)."""
+    """t (B,) -> (B, D): sinusoidal embedding of scale * t (1000 t for t in [0, 1]), then a 2-layer MLP (DiT)."""
 
     def __init__(self, hidden_size):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCIES, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+    def forward(self, t, scale=TIME_SCALE):
+        return self.mlp(timestep_embedding(t, scale=scale).to(self.mlp[0].weight.dtype))
 
 
 class TextEmbedder(nn.Module):
@@ -215,18 +222,18 @@ class TextEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class Stream(nn.Module):
-    """One stream of tokens with its own weights: modulation, norms, fused qkv with QK-norm, output projection and
-    MLP (Fig. 2b of Esser et al.). The attention lives in the blocks: over the stream itself (`DiTBlock`) or over
-    both streams (`JointBlock`)."""
+    """One stream of tokens with its own weights: modulation, norms, fused qkv with QK-norm (qk_norm=False: none,
+    as DiT), output projection and MLP (Fig. 2b of Esser et al.). The attention lives in the blocks: over the
+    stream itself (`DiTBlock`) or over both streams (`JointBlock`)."""
 
-    def __init__(self, hidden_size, num_heads, adaln_single=False):
+    def __init__(self, hidden_size, num_heads, adaln_single=False, qk_norm=True):
         super().__init__()
         self.num_heads = num_heads
         self.modulation = make_modulation(hidden_size, MODULATIONS, adaln_single)
         self.norm1 = affine_free_norm(hidden_size)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.q_norm = RMSNorm(hidden_size // num_heads)
-        self.k_norm = RMSNorm(hidden_size // num_heads)
+        self.q_norm = RMSNorm(hidden_size // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hidden_size // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.norm2 = affine_free_norm(hidden_size)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, MLP_RATIO * hidden_size), nn.GELU(approximate="tanh"),
@@ -346,10 +353,13 @@ class MMDiT(nn.Module):
 
     gradient_checkpointing (also an attribute, switchable at any time) recomputes each block's activations in the
     backward pass instead of storing them (torch.utils.checkpoint).
+
+    qk_norm=False and out_channels (default in_channels) are for the public models' layout (`DiT` below).
     """
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                 num_classes=None, context_dim=None, adaln_single=False, gradient_checkpointing=False):
+                 num_classes=None, context_dim=None, adaln_single=False, gradient_checkpointing=False,
+                 qk_norm=True, out_channels=None):
         super().__init__()
         if num_classes is not None and context_dim is not None:
             raise ValueError(f"MMDiT: give num_classes ({num_classes}) or context_dim ({context_dim}), not both")
@@ -374,6 +384,8 @@ class MMDiT(nn.Module):
         self.context_dim = context_dim
         self.adaln_single = bool(adaln_single)
         self.gradient_checkpointing = gradient_checkpointing
+        self.qk_norm = qk_norm
+        self.out_channels = out_channels or in_channels
 
         self.x_embedder = nn.Linear(patch_size * patch_size * in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -387,8 +399,8 @@ class MMDiT(nn.Module):
             self.blocks = nn.ModuleList(JointBlock(hidden_size, num_heads, adaln_single) for _ in range(depth - 1))
             self.last_block = LastJointBlock(hidden_size, num_heads, adaln_single)
         else:
-            self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, adaln_single) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, adaln_single)
+            self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, adaln_single, qk_norm) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaln_single)
         self.initialize_weights()
 
     @property
@@ -404,11 +416,14 @@ class MMDiT(nn.Module):
 
     @property
     def config(self):
-        """The constructor arguments as plain Python values: `MMDiT(**model.config)` rebuilds it."""
-        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
-                    hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
-                    num_classes=self.num_classes, context_dim=self.context_dim, adaln_single=self.adaln_single,
-                    gradient_checkpointing=self.gradient_checkpointing)
+        """The constructor arguments as plain Python values: `build_from_config(model.config)` rebuilds it."""
+        config = dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                      hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                      num_classes=self.num_classes, context_dim=self.context_dim, adaln_single=self.adaln_single,
+                      gradient_checkpointing=self.gradient_checkpointing)
+        if not self.qk_norm or self.out_channels != self.in_channels:
+            config.update(qk_norm=self.qk_norm, out_channels=self.out_channels)
+        return config
 
     def initialize_weights(self):
         """Every special initialisation, in one place (DiT)."""
@@ -467,11 +482,19 @@ class MMDiT(nn.Module):
         elif context is not None:
             raise ValueError("MMDiT: context given, but this model takes no text (context_dim is None)")
 
+    def embed_time(self, t):
+        """t (B,) in [0, 1] -> (B, D): the sin-cos of 1000 t through the timestep MLP."""
+        return self.t_embedder(t)
+
+    def position_embedding(self, grid_height, grid_width, like):
+        """(T, D) sin-cos embedding of the patch grid, in the dtype of `like` (see sincos_position_embedding)."""
+        return sincos_position_embedding(grid_height, grid_width, self.hidden_size, like.device, like.dtype)
+
     def embed_condition(self, t, y, context):
         """-> c (B, D) for adaLN: the timestep embedding, plus the label's (DiT) or the pooled text's (SD3). In the
         parameters' dtype, outside autocast (see `autocast_off`)."""
         with autocast_off(t):
-            c = self.t_embedder(t)  # (B, D)
+            c = self.embed_time(t)  # (B, D)
             if self.num_classes is not None:
                 c = c + self.label_embedder(y)
             if self.context_dim is not None:
@@ -502,8 +525,7 @@ class MMDiT(nn.Module):
         grid_height, grid_width = height // self.patch_size, width // self.patch_size
         x = self.x_embedder(patchify(x, self.patch_size))  # (B, T, D)
         # in the parameters' dtype: under autocast the residual stream stays float32
-        x = x + sincos_position_embedding(grid_height, grid_width, self.hidden_size, x.device,
-                                          self.x_embedder.weight.dtype)
+        x = x + self.position_embedding(grid_height, grid_width, self.x_embedder.weight)
         block_condition, final_condition = self.modulation_inputs(self.embed_condition(t, y, context))
         if self.two_streams:
             context = self.text_embedder.tokens(context)  # (B, L, D)
@@ -552,7 +574,7 @@ class MMDiT(nn.Module):
         flops += linear(b, TIMESTEP_FREQUENCIES, d) + linear(b, d, d)  # timestep MLP
         if self.adaln_single:
             flops += linear(b, d, MODULATIONS * d)  # the shared modulation
-        flops += adaln(2) + linear(b * image_tokens, d, p_c)  # final layer
+        flops += adaln(2) + linear(b * image_tokens, d, self.patch_size ** 2 * self.out_channels)  # final layer
         if not self.two_streams:
             block = stream(b * image_tokens) + attention_flops(image_tokens, image_tokens)
             return flops + self.depth * block
@@ -563,6 +585,279 @@ class MMDiT(nn.Module):
         last_block = (adaln(2) + linear(b * context_tokens, d, 2 * d)
                       + stream(b * image_tokens) + attention_flops(image_tokens, tokens))
         return flops + (self.depth - 1) * joint_block + last_block
+
+
+# --------------------------------------------------------------------------------------------
+# The public class-conditional ImageNet models: DiT, SiT and REPA's SiT
+# --------------------------------------------------------------------------------------------
+
+BACKBONES = ("dit", "sit", "repa")
+FILE_FORMATS = BACKBONES + ("diffusers-dit",)  # what --backbone may say a file holds
+DDPM_STEPS = 1000  # DiT's training steps
+
+
+def network_time(backbone, t):
+    """This repository's t (in [0, 1], t = 0 clean) -> the time the original network embeds (not scaled by 1000):
+      dit   its DDPM step k in 0..999, t = (k + 1) / 1000. A grid time lands exactly on its integer k: 1000 t,
+            rounded in float32, is snapped back to the integer within 1e-3 of it (10 of the 1000 grid times miss
+            it by one ulp otherwise); times between grid points stay fractional, as DiT's network takes them.
+      sit   SiT's time, 1 - t: SiT's x_t = t x_0 + (1 - t) eps has t = 1 at the data.
+      repa  t itself: REPA's x_t = (1 - t) x_0 + t eps is this repository's Flow-OT."""
+    if backbone == "dit":
+        steps = DDPM_STEPS * t
+        snapped = steps.round()
+        return torch.where((steps - snapped).abs() < 1e-3, snapped, steps) - 1
+    if backbone == "sit":
+        return 1 - t
+    return t
+
+
+def our_prediction(backbone, output, in_channels):
+    """The original network's output -> this repository's prediction for the backbone's objective (Table 1):
+      dit   eps, followed by its variance channels (DiT's learned range, schedules.learned_log_variance): as is
+      sit   the first half of its 8 channels (SiT's forward drops the second, unused half) is its velocity
+            d x_t / d t_SiT = x_0 - eps; in this repository's time that is eps - x_0, the Flow-OT target: negated
+      repa  the velocity eps - x_0: as is"""
+    if backbone == "sit":
+        return -output[:, :in_channels]
+    return output
+
+
+def backbone_diffusion(backbone):
+    """The process each public model was trained on, in this repository's form: DiT is DDPM-eps with the linear
+    betas 1e-4..0.02 over 1000 steps (no zero terminal SNR); SiT and REPA are Flow-OT (their linear interpolant) with
+    times drawn uniformly and no resolution shift."""
+    if backbone == "dit":
+        return Diffusion("eps", num_steps=DDPM_STEPS, beta_schedule="linear", zero_terminal_snr=False)
+    return Diffusion("flow", time_sampling="uniform", shift=1.0)
+
+
+class DiT(MMDiT):
+    """The block layout of the public class-conditional ImageNet models, exact to their code (facebookresearch/DiT
+    models.py, willisma/SiT models.py, sihyun-yu/REPA models/sit.py): the one-stream MMDiT above with
+      - no QK-norm, and the checkpoint's output channels (DiT and SiT: 8, eps or velocity then 4 more);
+      - their fixed sin-cos position embedding as the (1, T, D) buffer `pos_embed` they store, for their grid;
+      - their time embedding: the sin-cos of `network_time`, not of 1000 t.
+    Their patch embedding is a stride-p convolution; here it is the same map as a linear layer on patchified
+    latents (load_backbone and backbone_state_dict convert the weight exactly). forward(x, t, y) speaks this
+    repository's convention (t in [0, 1], t = 0 clean; the prediction of backbone_diffusion(backbone).objective,
+    our_prediction), so LPL, validation and the samplers take these models unchanged."""
+
+    def __init__(self, backbone, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                 num_classes=1000, out_channels=None, gradient_checkpointing=False):
+        if backbone not in BACKBONES:
+            raise ValueError(f"DiT: backbone must be one of {BACKBONES}, got {backbone!r}")
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes=num_classes,
+                         gradient_checkpointing=gradient_checkpointing, qk_norm=False, out_channels=out_channels)
+        self.backbone = backbone
+        grid = input_size // patch_size
+        position = sincos_position_embedding(grid, grid, hidden_size, "cpu", torch.float64)
+        self.register_buffer("pos_embed", position.float()[None])  # (1, T, D), float32 as they store it
+        self.unused = {}  # {key: tensor} of the checkpoint that this model does not run (REPA's projectors)
+        self.source_keys = None  # the checkpoint's keys, in its order: export writes them back so
+
+    @property
+    def config(self):
+        return dict(backbone=self.backbone, input_size=self.input_size, patch_size=self.patch_size,
+                    in_channels=self.in_channels, hidden_size=self.hidden_size, depth=self.depth,
+                    num_heads=self.num_heads, num_classes=self.num_classes, out_channels=self.out_channels,
+                    gradient_checkpointing=self.gradient_checkpointing)
+
+    def embed_time(self, t):
+        return self.t_embedder(network_time(self.backbone, t), scale=1)
+
+    def position_embedding(self, grid_height, grid_width, like):
+        grid = self.input_size // self.patch_size
+        if (grid_height, grid_width) != (grid, grid):
+            raise ValueError(f"DiT: this {self.backbone} model stores the position embedding of a {grid} x {grid} "
+                             f"patch grid (input_size {self.input_size}), got {grid_height} x {grid_width}")
+        return self.pos_embed[0].to(like.dtype)
+
+    def forward(self, x, t, y=None, context=None):
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) -> the prediction (B, C, H, W), and for DiT its variance
+        channels after it (B, 2C, H, W)."""
+        return our_prediction(self.backbone, super().forward(x, t, y, context), self.in_channels)
+
+
+def build_from_config(config):
+    """The model of a checkpoint's `model_config`: a DiT when it names a backbone, else an MMDiT."""
+    return DiT(**config) if "backbone" in config else MMDiT(**config)
+
+
+# Their state dict -> ours: (pattern, replacement), applied in order. The patch embedding's convolution weight is
+# reshaped besides (conv_to_linear); REPA's `projectors.*` (its alignment heads) are kept aside, not run.
+ORIGINAL_TO_OURS = [
+    (r"^x_embedder\.proj\.", "x_embedder."),
+    (r"^y_embedder\.embedding_table\.", "label_embedder."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"blocks.\1.qkv."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"blocks.\1.proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"blocks.\1.mlp.0."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"blocks.\1.mlp.2."),
+    (r"^(blocks\.\d+|final_layer)\.adaLN_modulation\.1\.", r"\1.modulation."),
+]
+OURS_TO_ORIGINAL = [
+    (r"^x_embedder\.", "x_embedder.proj."),
+    (r"^label_embedder\.", "y_embedder.embedding_table."),
+    (r"^blocks\.(\d+)\.qkv\.", r"blocks.\1.attn.qkv."),
+    (r"^blocks\.(\d+)\.proj\.", r"blocks.\1.attn.proj."),
+    (r"^blocks\.(\d+)\.mlp\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^blocks\.(\d+)\.mlp\.2\.", r"blocks.\1.mlp.fc2."),
+    (r"^(blocks\.\d+|final_layer)\.modulation\.", r"\1.adaLN_modulation.1."),
+]
+# hidden size -> (heads, name): DiT's Table 1 sizes; heads cannot be read from a state dict's shapes
+HEADS_OF_WIDTH = {384: (6, "S"), 768: (12, "B"), 1024: (16, "L"), 1152: (16, "XL")}
+
+
+def rename(key, rules):
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def conv_to_linear(weight):
+    """Their patch embedding Conv2d weight (D, C, p, p) -> the equal linear map on patchify's (p, p, C) order."""
+    return weight.permute(0, 2, 3, 1).flatten(1)
+
+
+def linear_to_conv(weight, patch_size):
+    return weight.unflatten(1, (patch_size, patch_size, -1)).permute(0, 3, 1, 2)
+
+
+def read_backbone_file(path):
+    """(tensors, what was taken) of a released file: a bare state dict (.pt, .pth, .safetensors), or a training
+    checkpoint of DiT, SiT or REPA ({"model", "ema", "opt", "args"}), whose EMA weights are taken."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as file:
+        is_safetensors = file.read(9)[8:9] == b"{"
+    if is_safetensors:
+        return load_safetensors(path)[0], "its tensors"
+    try:  # their training checkpoints hold an argparse.Namespace beside the tensors
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise UserError(f"{path} is not a checkpoint torch.load(weights_only=True) can read: "
+                        f"{' '.join(str(error).split())[:300]}") from None
+    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
+        return state["ema"], "its 'ema' weights"
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        return state["model"], "its 'model' weights (it holds no 'ema')"
+    if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+        return state, "its state dict"
+    raise UserError(f"{path} holds neither a state dict nor a training checkpoint with 'ema' or 'model' weights")
+
+
+def read_diffusers_dit(path):
+    """The original DiT layout of a diffusers DiTTransformer2DModel folder (facebook/DiT-XL-2-256's `transformer/`,
+    or a pipeline folder holding it): a renaming, one copy of the embedders that diffusers repeats in every block
+    (refused unless every copy is the same), q, k and v fused into qkv, and the position embedding diffusers does
+    not store computed as DiT does. The weights are DiT's; diffusers' own model does not compute what DiT's code
+    does with them (its timestep frequencies divide by 127 instead of 128, its block norms use eps 1e-5): loaded
+    here they run as DiT's code runs them."""
+    folder = Path(path)
+    folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    config_path, weights_path = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise UserError(f"{path}: a diffusers DiT folder holds config.json and diffusion_pytorch_model.safetensors "
+                        "(in it or in its transformer/ sub-folder)")
+    config = json.loads(config_path.read_text())
+    tensors = load_safetensors(weights_path)[0]
+    depth = config["num_layers"]
+    state = {"x_embedder.proj.weight": tensors["pos_embed.proj.weight"],
+             "x_embedder.proj.bias": tensors["pos_embed.proj.bias"]}
+    shared = {"t_embedder.mlp.0.": "norm1.emb.timestep_embedder.linear_1.",
+              "t_embedder.mlp.2.": "norm1.emb.timestep_embedder.linear_2.",
+              "y_embedder.embedding_table.": "norm1.emb.class_embedder.embedding_table."}
+    for ours, theirs in shared.items():
+        for suffix in ("weight", "bias") if "mlp" in ours else ("weight",):
+            copies = [tensors[f"transformer_blocks.{i}.{theirs}{suffix}"] for i in range(depth)]
+            if any(not torch.equal(copy, copies[0]) for copy in copies):
+                raise UserError(f"{path}: the per-block copies of {theirs}{suffix} differ: not a converted DiT")
+            state[ours + suffix] = copies[0]
+    for i in range(depth):
+        block = f"transformer_blocks.{i}."
+        for suffix in ("weight", "bias"):
+            state[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(
+                [tensors[f"{block}attn1.to_{x}.{suffix}"] for x in "qkv"])
+            state[f"blocks.{i}.attn.proj.{suffix}"] = tensors[f"{block}attn1.to_out.0.{suffix}"]
+            state[f"blocks.{i}.mlp.fc1.{suffix}"] = tensors[f"{block}ff.net.0.proj.{suffix}"]
+            state[f"blocks.{i}.mlp.fc2.{suffix}"] = tensors[f"{block}ff.net.2.{suffix}"]
+            state[f"blocks.{i}.adaLN_modulation.1.{suffix}"] = tensors[f"{block}norm1.linear.{suffix}"]
+    for suffix in ("weight", "bias"):
+        state[f"final_layer.adaLN_modulation.1.{suffix}"] = tensors[f"proj_out_1.{suffix}"]
+        state[f"final_layer.linear.{suffix}"] = tensors[f"proj_out_2.{suffix}"]
+    grid = config["sample_size"] // config["patch_size"]
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    state["pos_embed"] = sincos_position_embedding(grid, grid, hidden, "cpu", torch.float64).float()[None]
+    return state, "the diffusers DiT layout, converted to DiT's"
+
+
+def layout_of(tensors, path):
+    """The DiT constructor arguments that a state dict in their layout implies (heads from the width)."""
+    required = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    missing = [key for key in required if key not in tensors]
+    if missing:
+        raise UserError(f"{path} is not in the DiT/SiT/REPA layout: it has no {missing} (found {list(tensors)[:8]})")
+    hidden_size, in_channels, patch_size, _ = tensors["x_embedder.proj.weight"].shape
+    if hidden_size not in HEADS_OF_WIDTH:
+        raise UserError(f"{path}: hidden size {hidden_size} is none of DiT's sizes {sorted(HEADS_OF_WIDTH)}, whose "
+                        "head counts are known (a state dict does not record them)")
+    grid = math.isqrt(tensors["pos_embed"].shape[1])
+    return dict(input_size=grid * patch_size, patch_size=patch_size, in_channels=in_channels,
+                hidden_size=hidden_size, num_heads=HEADS_OF_WIDTH[hidden_size][0],
+                depth=len({key.split(".")[1] for key in tensors if key.startswith("blocks.")}),
+                num_classes=tensors["y_embedder.embedding_table.weight"].shape[0] - 1,
+                out_channels=tensors["final_layer.linear.weight"].shape[0] // patch_size ** 2)
+
+
+def load_backbone(path, backbone, log=print):
+    """A released DiT, SiT or REPA checkpoint -> (model, diffusion), the model speaking this repository's
+    convention (see DiT) and the process it was trained on (backbone_diffusion). Strict: every key is used, or
+    listed as not used (REPA's projectors: its alignment loss needs a DINOv2 encoder this project does not carry)."""
+    if backbone not in FILE_FORMATS:
+        raise UserError(f"backbone must be one of {FILE_FORMATS}, got {backbone!r}")
+    if backbone == "diffusers-dit":
+        tensors, taken = read_diffusers_dit(path)
+        backbone = "dit"
+    else:
+        tensors, taken = read_backbone_file(path)
+    unused = {key: value for key, value in tensors.items() if key.startswith("projectors.")}
+    config = layout_of(tensors, path)
+    expected_out = config["in_channels"] * (1 if backbone == "repa" else 2)
+    if config["out_channels"] != expected_out:
+        raise UserError(f"{path} has {config['out_channels']} output channels; a {backbone} checkpoint has "
+                        f"{expected_out} (DiT and SiT learn_sigma: 2 x {config['in_channels']}; REPA: "
+                        f"{config['in_channels']}). Is --backbone right?")
+    weights = {rename(key, ORIGINAL_TO_OURS): value for key, value in tensors.items() if key not in unused}
+    weights["x_embedder.weight"] = conv_to_linear(weights["x_embedder.weight"])
+    model = DiT(backbone, **config)
+    try:
+        model.load_state_dict({key: value.float() for key, value in weights.items()})
+    except RuntimeError as error:  # strict: the message lists every missing and unexpected key
+        raise UserError(f"{path} does not fit the {backbone} layout: {' '.join(str(error).split())}") from None
+    model.unused, model.source_keys = unused, list(tensors)
+    name = HEADS_OF_WIDTH[config["hidden_size"]][1]
+    log(f"{path}: {taken}, read as {backbone} {name}/{config['patch_size']} ({config['depth']} blocks, width "
+        f"{config['hidden_size']}, {config['in_channels']}x{config['input_size']}x{config['input_size']} latents, "
+        f"{config['num_classes']} classes, {config['out_channels']} output channels)"
+        + (f"; not used: {len(unused)} tensors of REPA's projectors" if unused else ""))
+    return model.eval(), backbone_diffusion(backbone)
+
+
+def backbone_state_dict(model, backbone):
+    """model's weights in the original layout, what `python model.py export` writes and their sample_ddp.py loads;
+    for a model loaded from a file, that file's tensors in its order (REPA's projectors included)."""
+    if getattr(model, "backbone", None) != backbone:
+        raise ValueError(f"backbone_state_dict: this model is {getattr(model, 'backbone', 'an MMDiT')}, not {backbone}")
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "x_embedder.weight":
+            value = linear_to_conv(value, model.patch_size)
+        state[rename(key, OURS_TO_ORIGINAL)] = value
+    state.update(model.unused)
+    order = getattr(model, "source_keys", None) or list(state)
+    return {key: state[key] for key in order}
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,14 +874,27 @@ MODELS = {
     "paper": dict(depth=28, hidden_size=1536, num_heads=24, patch_size=2, adaln_single=True),
     "demo": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),  # train.py's CPU demo: minutes, not a result
 }
+# The public models' layout (DiT above), at DiT's sizes: DiT-XL/2 is DiT's, SiT-XL/2 SiT's, REPA-XL/2 REPA's SiT.
+for family, backbone in (("DiT", "dit"), ("SiT", "sit"), ("REPA", "repa")):
+    for width, (heads, size) in HEADS_OF_WIDTH.items():
+        depth = {"S": 12, "B": 12, "L": 24, "XL": 28}[size]
+        MODELS[f"{family}-{size}/2"] = dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=2,
+                                            backbone=backbone)
 
 
 def build_model(name, **overrides):
-    """MMDiT of a named size; overrides (input_size, in_channels, num_classes, ...) are passed on and win over the
-    named size."""
+    """The model of a named size; overrides (input_size, in_channels, num_classes, ...) are passed on and win over
+    the named size. The DiT / SiT / REPA sizes are class-conditional, with their output channels (DiT and SiT
+    learn_sigma: twice the latent channels)."""
     if name not in MODELS:
         raise ValueError(f"build_model: unknown model {name!r}, expected one of {list(MODELS)}")
-    return MMDiT(**{**MODELS[name], **overrides})
+    config = {**MODELS[name], **overrides}
+    if "backbone" in config:
+        if config.pop("context_dim", None) is not None or not config.get("num_classes"):
+            raise ValueError(f"build_model: {name} is class-conditional: it needs num_classes and takes no context")
+        in_channels = config.get("in_channels", 4)
+        config.setdefault("out_channels", in_channels * (1 if config["backbone"] == "repa" else 2))
+    return build_from_config(config)
 
 
 def parameter_breakdown(model):
@@ -606,8 +914,39 @@ def parameter_breakdown(model):
     return rows
 
 
+def export(argv):
+    """`python model.py export --ckpt RUN/checkpoints/last.pt --out FILE.pt`: the EMA weights (--raw: the trained
+    ones) of a train.py run of a DiT / SiT / REPA model, in the original layout (backbone_state_dict) as a bare state
+    dict, as they release theirs: their sample_ddp.py and ADM's evaluator run on it unchanged."""
+    parser = argparse.ArgumentParser(prog="model.py export", description=export.__doc__)
+    parser.add_argument("--ckpt", required=True, help="a train.py checkpoint of a DiT / SiT / REPA model")
+    parser.add_argument("--out", required=True, help="the .pt file to write")
+    parser.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+    args = parser.parse_args(argv)
+    with one_line_errors("model.py export: "):
+        checkpoint = load_checkpoint(args.ckpt)
+        config = checkpoint["model_config"]
+        if "backbone" not in config:
+            raise UserError(f"--ckpt {args.ckpt} holds an MMDiT, not a DiT / SiT / REPA model: nothing to export to")
+        model = build_from_config(config)
+        model.load_state_dict(checkpoint["model" if args.raw else "ema"])
+        model.unused = dict(checkpoint.get("backbone_unused") or {})
+        model.source_keys = checkpoint.get("backbone_keys")
+        state = backbone_state_dict(model, config["backbone"])
+        with atomic_output(args.out) as temporary:
+            torch.save(state, temporary)
+    print(f"wrote {args.out}: {len(state)} tensors of the {config['backbone']} layout "
+          f"({'trained' if args.raw else 'EMA'} weights of step {checkpoint['step']})")
+    return state
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Parameters (per part) and forward FLOPs of an MMDiT size.")
+    """`python model.py --model NAME`: parameters and FLOPs of a size; `python model.py export ...`: see export."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
+    parser = argparse.ArgumentParser(description="Parameters (per part) and forward FLOPs of a model size "
+                                                 "(`python model.py export -h`: a post-trained DiT in its own format).")
     parser.add_argument("--model", choices=list(MODELS), default="paper")
     parser.add_argument("--input-size", type=int, default=32, help="latent height = width (32: 256 px, SD-VAE)")
     parser.add_argument("--in-channels", type=int, default=4, help="latent channels (4: SD-VAE)")

@@ -6,7 +6,7 @@
 
 It pre-trains one MMDiT without LPL on random crops of assets/photos (encoded by the bundled taef2), post-trains
 from that checkpoint with and without LPL for the same steps and seeds, evaluates both arms on the held-out photos
-(train.evaluate: the same rows and noise for both) and compares the power spectra of their samples with the real
+(validation.evaluate: the same rows and noise for both) and compares the power spectra of their samples with the real
 crops' (fid.py's spectrum functions). It writes OUT/replicate.md (the table: every figure at every noise level, each
 arm's mean +- standard error and the paired change of LPL against no LPL), OUT/replicate.json, OUT/spectra.png and
 OUT/spectra.json. Finished runs in OUT are reused: after an interruption, rerun the same command.
@@ -36,6 +36,7 @@ from lpl import LatentPerceptualLoss
 from model import MODELS
 from runtime import load_checkpoint, one_line_errors, write_json, write_text
 from sample import latents_to_uint8, mmdit_model_fn, model_from_checkpoint, sample_share, write_samples
+from validation import evaluate
 
 # Both presets train on random crops of assets/photos through the bundled taef2 (data.build_demo_data) and evaluate
 # on the held-out photos. "cpu" is the README's run; "gpu" is sized from FLOP estimates to take under 8 minutes on
@@ -75,11 +76,11 @@ def replicate_train(out, train_data, val_data, settings, seed, steps, extra=()):
 
 
 def replicate_evaluate(path, val, ae, lpl, settings, device):
-    """train.evaluate on the EMA weights of a checkpoint with the preset's rows and noise draws (seed 0 for every
+    """validation.evaluate on the EMA weights of a checkpoint with the preset's rows and noise draws (seed 0 for every
     arm: the same noise), and `settings.samples` generated images (EMA, 50 DDIM steps, seeds 0..n-1)."""
     model, diffusion = model_from_checkpoint(load_checkpoint(path), True, path)
     model.to(device)
-    figures = train.evaluate(model, diffusion, val, ae, lpl, count=settings.val_samples, draws=settings.val_draws,
+    figures = evaluate(model, diffusion, val, ae, lpl, count=settings.val_samples, draws=settings.val_draws,
                              batch_size=EVAL_BATCH, seed=0, device=device, keep_rows=True)
     images, _ = sample_share(mmdit_model_fn(model), diffusion, ae.decode, val.latent_shape, range(settings.samples),
                              seed=0, batch_size=EVAL_BATCH, steps=SAMPLE_STEPS, device=device)
@@ -160,7 +161,7 @@ def replicate_table(arms, per_seed):
 def benchmark_replicate(settings, log=print):
     """Pre-train without LPL, post-train from that checkpoint with and without LPL for the same steps (Sec. 4.1,
     Table 4; one pre-training, `seeds` post-trainings per arm), evaluate both arms on the held-out photos
-    (train.evaluate) and compare the power spectra of their samples with the real crops' (fid.py spectrum).
+    (validation.evaluate) and compare the power spectra of their samples with the real crops' (fid.py spectrum).
     Writes OUT/replicate.md, OUT/replicate.json and OUT/spectra.png. Returns the report (bench.py's layout)."""
     device, out, started = default_device(), Path(settings.out), time.perf_counter()
     report = new_report("replicate", settings.argv, device, settings_dict(settings), program="replicate.py")

@@ -1,12 +1,19 @@
-"""Sampling: DDIM and Euler with classifier-free guidance, and the CLI that writes samples.npz for fid.py.
+"""Sampling: DDIM, Euler, DiT's ancestral DDPM and the flow models' SDE, with classifier-free guidance, and the CLI
+that writes samples.npz for fid.py.
 
     python sample.py --ckpt run/checkpoints/last.pt --ema --num-samples 64 --out preview.npz --grid grid.png
     torchrun --nproc_per_node=8 sample.py --ckpt run/checkpoints/last.pt --ema --num-samples 50000 --out samples.npz
     python sample.py --ckpt text.pt --context prompts.npy --num-samples 1000 --cfg 2.0 --out text.npz
+    python sample.py --ckpt DiT-XL-2-256x256.pt --backbone dit --vae sd-vae-ft-ema.safetensors \
+        --sampler ddpm --steps 250 --cfg 1.5 --cfg-channels 3 --out dit.npz                   # DiT's sampler
+    python sample.py --ckpt SiT-XL-2-256x256.pt --backbone sit --vae sd-vae-ft-ema.safetensors \
+        --sampler sde --steps 250 --cfg 1.5 --cfg-channels 3 --out sit.npz                    # SiT's
+    python sample.py --ckpt last.pt --backbone repa --vae sd-vae-ft-ema.safetensors \
+        --sampler sde --steps 250 --cfg 1.8 --guidance-interval 0 0.7 --out repa.npz         # REPA's
 
 One time convention for every objective (schedules.py): x_t = alpha_t x_0 + sigma_t eps, t in [0, 1], t = 1 noise.
 The network's prediction D gives both estimates of the pair, z0_hat = x0_from_pred and eps_hat = noise_from_pred
-(Table 1), so every sampler below runs every objective:
+(Table 1), so the first two samplers run every objective:
 
     ddim   x_s = alpha_s z0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c n,  n ~ N(0, I)   (Song et al. 2021, Eq. 12)
            c = 0 (eta = 0) is deterministic DDIM; eta > 0 the stochastic family, eta = 1 ancestral DDPM.
@@ -14,8 +21,12 @@ The network's prediction D gives both estimates of the pair, z0_hat = x0_from_pr
     euler  x_s = x_t + (s - t) (alpha'_t z0_hat + sigma'_t eps_hat): an Euler step of the probability-flow ODE
            dx/dt = E[alpha' x_0 + sigma' eps | x_t]. For flow this is x_t + (s - t) v, the paper's Euler solver;
            on flow's straight path it is the same update as DDIM with eta = 0.
+    ddpm   DDPM objectives: DiT's ancestral sampler (p_sample_loop) on its respaced grid, the learned variance of a
+           network that predicts one (DiT's 4 extra channels), else beta_{t|s}            (ddpm_step)
+    sde    flow: Euler-Maruyama on the reverse SDE of SiT and REPA, their grid and last deterministic step (sde_step)
 
-The last step returns z0_hat at the last time above 0 (what DDIM lands on at s = 0: alpha = 1, sigma = 0).
+The last step returns z0_hat at the last time above 0 (what DDIM and DDPM land on at s = 0: alpha = 1, sigma = 0);
+the SDE's last step returns its mean, as SiT's and REPA's do.
 
 Time grids (`sampling_times`): flow uses `steps` even intervals of [0, 1], moved by the resolution shift
 diffusion.shift (SD3). DDPM uses a "trailing" subset of its 1000 training steps, k = 999, 979, ..., 19 for 50 steps
@@ -23,13 +34,19 @@ diffusion.shift (SD3). DDPM uses a "trailing" subset of its 1000 training steps,
 2024 (Sec. 3.3) require with zero terminal SNR; the older "leading" spacing starts at k = 981 and never shows the
 network the noise level it is handed. With zero terminal SNR, alpha_1 = 0: v recovers z0_hat = -v there, but eps
 cannot ((x - sigma eps) / alpha), and the Euler slope alpha' is infinite (alpha ~ sqrt(1 - t)). In those two cases
-the grid starts at the first training step below t = 1 (k = 998), with the noise taken as x_t there.
+the grid starts at the first training step below t = 1 (k = 998), with the noise taken as x_t there. The ddpm and
+sde samplers walk their authors' grids instead (respaced_steps; linspace(1, 0.04, steps) then 0).
 
-Reproducibility: sample i draws its initial noise (and its DDIM eta noise) from its own numpy generator, the i-th
-child of numpy.random.SeedSequence(seed): an independent stream for every (seed, i). (Not torch.Generator seeded
-with seed * 2**32 + i: torch's CPU generator keeps only the low 32 bits of a seed, so every --seed would give the
-same images.) Random class labels come from numpy.random.default_rng(seed). The images therefore do not depend on
-the batch size, the number of ranks or the device, up to the floating-point differences between kernels.
+Guidance (guided_prediction): on the first cfg_channels channels of the prediction (DiT and SiT's published numbers
+guide 3 of 4), and only at times inside guidance_interval (REPA: [0, 0.7]); outside it the network runs on the
+conditional rows alone.
+
+Reproducibility: sample i draws its initial noise (and the noise of the stochastic samplers) from its own numpy
+generator, the i-th child of numpy.random.SeedSequence(seed): an independent stream for every (seed, i). (Not
+torch.Generator seeded with seed * 2**32 + i: torch's CPU generator keeps only the low 32 bits of a seed, so every
+--seed would give the same images.) Random class labels come from numpy.random.default_rng(seed). The images
+therefore do not depend on the batch size, the number of ranks or the device, up to the floating-point differences
+between kernels.
 """
 
 import argparse
@@ -45,10 +62,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from autoencoder import load_autoencoder
+from model import FILE_FORMATS, build_from_config, load_backbone
 from runtime import UserError, atomic_output, load_checkpoint, one_line_errors, setup_distributed, write_npy
-from schedules import Diffusion, resolution_shift
+from schedules import Diffusion, resolution_shift, split_variance
 
-SAMPLERS = ("ddim", "euler")
+SAMPLERS = ("ddim", "euler", "ddpm", "sde")
+STOCHASTIC_SAMPLERS = ("ddpm", "sde")  # they draw noise at every step; ddim does with eta > 0
+SDE_LAST_STEP = 0.04  # SiT's last_step_size and REPA's last grid time: the SDE's deterministic last step, 0.04 -> 0
 GRID_MAX_IMAGES = 64
 
 
@@ -69,13 +89,36 @@ def starts_below_one(diffusion, sampler):
     return ztsnr and (diffusion.objective == "eps" or sampler == "euler")
 
 
+def respaced_steps(num_steps, steps):
+    """The training steps k (ascending) that DiT's respace.space_timesteps(num_steps, str(steps)) keeps: k_i =
+    round(c_i), c_0 = 0, c_{i+1} = c_i + (num_steps - 1) / (steps - 1), the sum accumulated in float64 and rounded
+    half to even, as DiT does (for 283 of the counts 1..1000 that differs from round(i * stride) by one step)."""
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"steps={steps}: DiT's respacing keeps 1..{num_steps} of the {num_steps} training steps")
+    stride = (num_steps - 1) / (steps - 1) if steps > 1 else 1
+    position, kept = 0.0, []
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
 def sampling_times(diffusion, steps, sampler):
     """The steps + 1 times t_0 > t_1 > ... > t_steps = 0 the sampler visits, as Python floats.
 
+    ddpm: DiT's respaced grid, t = (k + 1) / num_steps for k in respaced_steps, then 0.
+    sde: SiT's and REPA's grid, linspace(1, 0.04, steps) then 0 (SiT's linspace(0, 1 - 0.04, steps) in its time),
+    moved by diffusion.shift as the flow grid below (the identity at shift 1, SiT's and REPA's).
     flow: resolution_shift(linspace(1, 0, steps + 1), diffusion.shift).
     DDPM: the trailing spacing over the training grid t = n / num_steps (n = k + 1): n_i = round(top (1 - i / steps)),
     top = num_steps (t = 1) or num_steps - 1 (see starts_below_one), then 0.
     """
+    if sampler == "ddpm":
+        kept = respaced_steps(diffusion.num_steps, steps)
+        return [(k + 1) / diffusion.num_steps for k in reversed(kept)] + [0.0]
+    if sampler == "sde":
+        grid = torch.linspace(1.0, SDE_LAST_STEP, steps, dtype=torch.float64)
+        return resolution_shift(grid, diffusion.shift).tolist() + [0.0]
     if diffusion.is_flow:
         return resolution_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), diffusion.shift).tolist()
     top = diffusion.num_steps - 1 if starts_below_one(diffusion, sampler) else diffusion.num_steps
@@ -125,6 +168,41 @@ def euler_step(diffusion, x, z0_hat, eps_hat, t, s):
     return x + (s - t) * (alpha_slope * z0_hat + sigma_slope * eps_hat)
 
 
+def ddpm_step(diffusion, x, z0_hat, variance_values, t, s, noise_like):
+    """DiT's ancestral step (p_sample, Ho et al. 2020 Alg. 2) from grid time t down to the respaced grid's previous
+    time s > 0: x_s = mean + exp(log_variance / 2) n, with
+        mean          the posterior mean of q(x_s | x_t, x_0 = z0_hat) (Eq. 7; z0_hat not clipped: DiT's
+                      clip_denoised=False), Diffusion.posterior;
+        log_variance  the learned range of the network's variance channels (Nichol & Dhariwal 2021, Eq. 15),
+                      Diffusion.learned_log_variance; without them (variance_values None), log beta_{t|s} =
+                      log(1 - abar_t / abar_s), DiT's FIXED_LARGE (frac = 1 in the same formula).
+    t: (B,) times. At s = 0 the mean is z0_hat and DiT adds no noise: sample() returns z0_hat, so ADM's first-step
+    variance rule (Diffusion.posterior's second_t) never enters a sample."""
+    mean, _, _ = diffusion.posterior(z0_hat, x, t, s)
+    if variance_values is None:
+        variance_values = torch.ones_like(x)
+    log_variance = diffusion.learned_log_variance(variance_values, t, s)
+    return mean + torch.exp(0.5 * log_variance) * noise_like(x)
+
+
+def sde_step(x, velocity, eps_hat, t, s, noise_like):
+    """One Euler-Maruyama step of the reverse-time SDE of a flow model (REPA's euler_maruyama_sampler; SiT's
+    Sampler.sample_sde with its integrators.sde, in this repository's time), from t down to s < t:
+        dx = [v - g(t) / 2 score] dt + sqrt(g(t)) dw,     score = -eps_hat / sigma_t = (-(1 - t) v - x) / t
+        x_s = x_t + (s - t) [v - g(t) / 2 score] + sqrt(g(t) (t - s)) n,        g(t) = 2 t
+    v is the network's velocity (flow's prediction eps - x_0). The diffusion g = 2 t is REPA's compute_diffusion
+    (their time is ours) and equally SiT's `--diffusion-form sigma --diffusion-norm 1`, the defaults of its sample.py
+    and sample_ddp.py (g = 2 w, w = 1 - t_SiT = t): on Flow-OT's straight path they are one SDE. (SiT's
+    Sampler.sample_sde default, SBDM, is infinite at the t0 = 0 of a velocity model and samples NaN.) noise_like
+    None: the step's mean, without noise: SiT's "Mean" and REPA's last step (t = 0.04 -> 0)."""
+    g = 2.0 * t
+    score = -eps_hat / t
+    mean = x + (s - t) * (velocity - 0.5 * g * score)
+    if noise_like is None:
+        return mean
+    return mean + math.sqrt(g * (t - s)) * noise_like(x)
+
+
 def standard_normal(shape, generator, dtype=torch.float32):
     """N(0, I) noise of `shape` from a torch.Generator (on its device) or a numpy.random.Generator (on the CPU)."""
     if isinstance(generator, np.random.Generator):
@@ -148,24 +226,55 @@ def row_noise(generator):
 # Classifier-free guidance and the sampler
 # ----------------------------------------------------------------------------------------------------------------
 
-def guided_prediction(model_fn, x, t, cond, null_cond, cfg_scale):
+def guided_prediction(model_fn, x, t, cond, null_cond, cfg_scale, cfg_channels=None):
     """Ho & Salimans 2021: pred = null + w (cond - null), both halves in ONE forward of batch 2B (conditional rows
-    first). w = 1 is the conditional prediction: one forward of batch B, the null half is never computed."""
+    first). w = 1 is the conditional prediction: one forward of batch B, the null half is never computed.
+
+    cfg_channels: guide only the first c channels of the prediction; the rest come from the conditional half (DiT's
+    and SiT's forward_with_cfg guide 3 of their 4 latent channels "for exact reproducibility", and so do their
+    published numbers). None: all x.shape[1] channels. Channels after the prediction (DiT's variance channels)
+    always come from the conditional half, as in DiT."""
     if cfg_scale == 1.0:
         return model_fn(x, t, cond).to(x.dtype)
     both = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond])).to(x.dtype)  # (2B, ...)
     pred_cond, pred_null = both.chunk(2)
-    return pred_null + cfg_scale * (pred_cond - pred_null)
+    guided = x.shape[1] if cfg_channels is None else cfg_channels
+    mixed = pred_null[:, :guided] + cfg_scale * (pred_cond[:, :guided] - pred_null[:, :guided])
+    if guided == both.shape[1]:
+        return mixed
+    return torch.cat([mixed, pred_cond[:, guided:]], dim=1)
 
 
-def check_sampler(sampler, eta):
-    """The one check of the sampler and eta (sample() and the CLI both call it)."""
+def check_sampler(sampler, eta, diffusion=None):
+    """The one check of the sampler and its settings (sample() and the CLI both call it); with `diffusion`, also
+    that the sampler fits its objective."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS} or None, got {sampler!r}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if eta > 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} is the stochastic DDIM: it needs sampler='ddim', got {sampler!r}")
+    if diffusion is None:
+        return
+    if sampler == "ddpm" and diffusion.is_flow:
+        raise ValueError("sampler 'ddpm' is DiT's ancestral sampler for DDPM objectives; this model is flow: use "
+                         "sde, euler or ddim")
+    if sampler == "ddpm" and starts_below_one(diffusion, sampler):
+        raise ValueError("sampler 'ddpm' starts at t = 1 (DiT's grid), where an eps network with zero terminal SNR "
+                         "cannot give z0 (alpha_1 = 0): use ddim")
+    if sampler == "sde" and not diffusion.is_flow:
+        raise ValueError(f"sampler 'sde' is the flow models' SDE (SiT, REPA); this model is DDPM-"
+                         f"{diffusion.objective}: use ddpm or ddim")
+
+
+def check_guidance(cfg_channels, guidance_interval, channels):
+    """cfg_channels in 1..channels (or None: all), guidance_interval (low, high) with 0 <= low <= high <= 1."""
+    if cfg_channels is not None and (isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int)
+                                     or not 1 <= cfg_channels <= channels):
+        raise ValueError(f"cfg_channels must be an integer in 1..{channels} (the prediction's channels) or None, "
+                         f"got {cfg_channels!r}")
+    if len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0:
+        raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}")
 
 
 def check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, eta, generator):
@@ -174,9 +283,9 @@ def check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, et
         raise ValueError(f"noise must be float32 or float64 (the sampler's state), got {noise.dtype}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    check_sampler(sampler, eta)
-    if generator is not None and eta == 0:
-        raise ValueError("a generator is only used by the stochastic sampler (eta > 0); eta is 0")
+    if generator is not None and eta == 0 and sampler not in STOCHASTIC_SAMPLERS:
+        raise ValueError(f"a generator is only used by the stochastic samplers (ddim with eta > 0, ddpm, sde); "
+                         f"eta is 0 and the sampler {sampler!r}")
     if isinstance(generator, (list, tuple)) and len(generator) != len(noise):
         raise ValueError(f"generator is a list of {len(generator)}, expected one per row of noise ({len(noise)})")
     for name, value in (("cond", cond), ("null_cond", null_cond)):
@@ -191,34 +300,51 @@ def check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, et
 
 @torch.no_grad()
 def sample(model_fn, diffusion, noise, steps=50, sampler=None, cfg_scale=1.0, cond=None, null_cond=None, eta=0.0,
-           generator=None):
+           generator=None, *, cfg_channels=None, guidance_interval=(0.0, 1.0)):
     """Integrate from `noise` (taken as x at the first time of the grid) down to the clean latent z0.
 
-    model_fn(x, t, cond) -> the network's prediction (eps, v or velocity), t a (B,) float tensor in [0, 1].
-    sampler: "ddim" | "euler" | None (ddim for eps / v, euler for flow, as in the paper, Sec. 4.1).
+    model_fn(x, t, cond) -> the network's prediction (eps, v or velocity), t a (B,) float tensor in [0, 1]; a
+        prediction of 2C channels for C latent channels carries DiT's variance channels after it (ddpm uses them).
+    sampler: "ddim" | "euler" | "ddpm" (DDPM objectives) | "sde" (flow) | None (ddim for eps / v, euler for flow, as
+        in the paper, Sec. 4.1).
     cfg_scale, cond, null_cond: classifier-free guidance, see guided_prediction; cond / null_cond are whatever
         model_fn takes ((B,) labels, (B, L, D) contexts), with B rows. null_cond is unused when cfg_scale == 1.
-    eta, generator: stochastic DDIM (eta in (0, 1]); generator is a torch.Generator, a list of one generator per
-        row (torch.Generator or numpy.random.Generator), or None for the global RNG.
-    Returns z0_hat at the last step, in the noise's dtype (float32 or float64) whatever autocast the model runs in.
+    cfg_channels: guide the first cfg_channels channels only (None: all); guidance_interval (low, high): guide only
+        at steps whose t lies in [low, high] (REPA), elsewhere one forward of the conditional rows.
+    eta, generator: stochastic DDIM (eta in (0, 1]); generator (also the noise of ddpm and sde) is a torch.Generator,
+        a list of one generator per row (torch.Generator or numpy.random.Generator), or None for the global RNG.
+    Returns z0_hat at the last step (sde: the last step's mean), in the noise's dtype (float32 or float64) whatever
+    autocast the model runs in.
     """
     sampler = sampler if sampler is not None else ("euler" if diffusion.is_flow else "ddim")
+    check_sampler(sampler, eta, diffusion)
+    check_guidance(cfg_channels, guidance_interval, noise.shape[1])
     check_sample_arguments(noise, steps, sampler, cfg_scale, cond, null_cond, eta, generator)
     times = sampling_times(diffusion, steps, sampler)
     noise_like = row_noise(generator)
+    low, high = guidance_interval
     x = noise
     for t, s in zip(times[:-1], times[1:]):
         t_batch = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)  # (B,)
-        pred = guided_prediction(model_fn, x, t_batch, cond, null_cond, cfg_scale)
+        scale = cfg_scale if low <= t <= high else 1.0
+        output = guided_prediction(model_fn, x, t_batch, cond, null_cond, scale, cfg_channels)
+        pred, variance_values = split_variance(output, x.shape[1])
+        if sampler == "sde":
+            eps_hat = diffusion.noise_from_pred(x, pred, t_batch)
+            x = sde_step(x, pred, eps_hat, t, s, noise_like if s > 0 else None)
+            continue
         z0_hat = diffusion.x0_from_pred(x, pred, t_batch)
         if s == 0.0:
             return z0_hat
+        if sampler == "ddpm":
+            x = ddpm_step(diffusion, x, z0_hat, variance_values, t_batch, s, noise_like)
+            continue
         eps_hat = diffusion.noise_from_pred(x, pred, t_batch)
         if sampler == "ddim":
             x = ddim_step(diffusion, z0_hat, eps_hat, t, s, eta, noise_like)
         else:
             x = euler_step(diffusion, x, z0_hat, eps_hat, t, s)
-    raise AssertionError("unreachable: sampling_times always ends at t = 0")
+    return x  # sde: the mean of its last step, t = 0.04 -> 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,12 +450,14 @@ def sample_generator(seed, index):
 
 def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, conditions=None, null_fn=None,
                  batch_size=32, steps=50, sampler=None, cfg_scale=1.0, eta=0.0, device="cpu", autocast_dtype=None,
-                 progress=False):
+                 progress=False, *, cfg_channels=None, guidance_interval=(0.0, 1.0)):
     """Sample, decode and convert the images of `indices` (sample numbers in the whole run).
 
     conditions: None or an array indexed by sample number ((num,) labels, (num, L, D) contexts: a numpy memmap is
         fine, rows are read batch by batch); null_fn(cond) -> the null condition (needed when cfg_scale != 1).
     decode(latents) -> images in [-1, 1]. autocast_dtype: torch.bfloat16 to run the network under autocast.
+    cfg_channels, guidance_interval: see sample(). The stochastic samplers draw from each sample's own
+        generator, as the initial noise does.
     Returns (uint8 (len(indices), H, W, 3), the number of decoded images that held NaN / Inf: those come back black).
     """
     device = torch.device(device)
@@ -346,8 +474,10 @@ def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, condi
             null_cond = null_fn(cond) if cfg_scale != 1.0 else None
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with autocast:
+            stochastic = eta > 0 or sampler in STOCHASTIC_SAMPLERS
             z0 = sample(model_fn, diffusion, noise, steps, sampler, cfg_scale, cond, null_cond, eta,
-                        generators if eta > 0 else None)
+                        generators if stochastic else None, cfg_channels=cfg_channels,
+                        guidance_interval=guidance_interval)
         with torch.no_grad():
             images = decode(z0).float()  # (b, 3, H, W) in [-1, 1]
         bad = nonfinite_images(images)
@@ -362,15 +492,14 @@ def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, condi
 # ----------------------------------------------------------------------------------------------------------------
 
 def model_from_checkpoint(checkpoint, ema, path):
-    """(MMDiT with the "ema" or "model" weights, Diffusion) of a train.py checkpoint."""
-    from model import MMDiT  # model.py is only needed to run the CLI, not to use sample()
-
+    """(model with the "ema" or "model" weights, Diffusion) of a train.py checkpoint: an MMDiT, or the DiT / SiT /
+    REPA model its model_config names (model.build_from_config)."""
     weights = "ema" if ema else "model"
-    model = MMDiT(**checkpoint["model_config"])
+    model = build_from_config(checkpoint["model_config"])
     try:
         model.load_state_dict(checkpoint[weights])  # strict: its error lists every missing / unexpected key
     except RuntimeError as error:
-        raise ValueError(f"{path}: ['{weights}'] does not fit MMDiT(**model_config): {error}") from error
+        raise ValueError(f"{path}: ['{weights}'] does not fit its model_config: {error}") from error
     return model.eval().requires_grad_(False), Diffusion(**checkpoint["diffusion"])
 
 
@@ -428,8 +557,13 @@ def gather_to_rank0(images, out, rank, world_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Sample a train.py checkpoint into samples.npz (+ a PNG grid).")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser = argparse.ArgumentParser(description="Sample a train.py checkpoint, or a released DiT / SiT / REPA "
+                                                 "checkpoint (--backbone), into samples.npz (+ a PNG grid).")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint written by train.py; with --backbone, a released DiT / SiT / REPA file")
+    parser.add_argument("--backbone", choices=FILE_FORMATS, default=None,
+                        help="--ckpt is a released file of this family (model.load_backbone); needs --vae, and "
+                             "decodes with the autoencoder's own latent scaling (SD's 0.18215 for sd-vae-ft-*)")
     parser.add_argument("--ema", action="store_true", help="sample with the EMA weights instead of the raw ones")
     parser.add_argument("--vae", default=None, help="autoencoder weights (default: the checkpoint's args['vae'])")
     # not --num: torchrun's own parser takes "--num" for an abbreviation of its --numa-binding and stops
@@ -437,6 +571,11 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (network evaluations)")
     parser.add_argument("--cfg", type=float, default=None,
                         help="guidance scale w (default: 1.5 below 512 px, 2.0 from 512; 1 for unconditional models)")
+    parser.add_argument("--cfg-channels", type=int, default=None,
+                        help="guide only the first C latent channels, the rest from the conditional half (DiT's and "
+                             "SiT's published numbers: 3); default: all")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="guide only at t in [LOW, HIGH], t = 1 noise (REPA: 0 0.7); default: 0 1, always")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.npz", help="output .npz (arr_0 uint8 NHWC, labels, meta)")
     parser.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
@@ -446,7 +585,9 @@ def parse_args(argv):
                         help="equal counts per class: sample i gets class i mod num_classes")
     parser.add_argument("--context", default=None, help="(num, L, D) .npy text embeddings (text models)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim for eps/v, euler for flow")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="default: ddim for eps/v, euler for flow; ddpm: DiT's (DDPM models), sde: SiT's and "
+                             "REPA's (flow models)")
     parser.add_argument("--eta", type=float, default=0.0, help="stochastic DDIM (Song et al. Eq. 12), in [0, 1]")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                         help="network and decoder precision (default: bf16 on CUDA, fp32 on CPU)")
@@ -457,6 +598,14 @@ def parse_args(argv):
         parser.error(f"--seed must be non-negative (numpy SeedSequence entropy), got {args.seed}")
     if Path(args.out).suffix != ".npz":
         parser.error(f"--out must end in .npz, got {args.out}")
+    if args.cfg_channels is not None and args.cfg_channels < 1:
+        parser.error(f"--cfg-channels must be at least 1, got {args.cfg_channels}")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
+        parser.error(f"--guidance-interval LOW HIGH needs 0 <= LOW <= HIGH <= 1, got {args.guidance_interval}")
+    if args.backbone is not None and args.vae is None:
+        parser.error(f"--backbone {args.backbone}: give --vae (a released checkpoint names no autoencoder)")
+    if args.backbone is not None and args.ema:
+        parser.error("--ema: with --backbone, model.load_backbone takes a training checkpoint's 'ema' weights itself")
     return parser, args
 
 
@@ -471,35 +620,56 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def run(parser, args, rank, world_size, device):
-    checkpoint = load_checkpoint(args.ckpt)
-    model, diffusion = model_from_checkpoint(checkpoint, args.ema, args.ckpt)
-    model.to(device)
+def load_model(args):
+    """(model, diffusion, train.py checkpoint or None): --ckpt as a train.py checkpoint, or with --backbone as a
+    released DiT / SiT / REPA file (model.load_backbone: the model in this repository's convention, and the process
+    it was trained on)."""
+    if args.backbone is None:
+        checkpoint = load_checkpoint(args.ckpt)
+        return (*model_from_checkpoint(checkpoint, args.ema, args.ckpt), checkpoint)
+    return (*load_backbone(args.ckpt, args.backbone), None)
+
+
+def sampler_settings(parser, args, diffusion, channels):
+    """The checked sampler settings of the command line: {sampler, cfg_channels, guidance_interval}."""
     sampler = args.sampler or ("euler" if diffusion.is_flow else "ddim")
     try:
-        check_sampler(sampler, args.eta)
+        check_sampler(sampler, args.eta, diffusion)
     except ValueError as error:
         parser.error(f"--sampler {sampler} (default: ddim for eps/v, euler for flow), --eta {args.eta}: {error}")
+    if args.cfg_channels is not None and args.cfg_channels > channels:
+        parser.error(f"--cfg-channels {args.cfg_channels}: the model predicts {channels} latent channels")
+    return dict(sampler=sampler, cfg_channels=args.cfg_channels,
+                guidance_interval=tuple(args.guidance_interval or (0.0, 1.0)))
+
+
+def run(parser, args, rank, world_size, device):
+    model, diffusion, checkpoint = load_model(args)
+    model.to(device)
+    settings = sampler_settings(parser, args, diffusion, model.in_channels)
     vae = args.vae or checkpoint["args"].get("vae")
     if not vae:
         parser.error(f"no --vae given and {args.ckpt} has no args['vae'] to default to")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     precision = torch.bfloat16 if dtype == "bf16" else torch.float32  # never fp16: its range overflows in decoders
-    # Decode with the latent scaling the training data was encoded with (train.py stores it from meta.json).
-    scaling = checkpoint.get("latent_scaling") or {}
+    # Decode with the latent scaling the training data was encoded with (train.py stores it from meta.json); a
+    # released model with its autoencoder family's own (load_autoencoder's default), as DiT, SiT and REPA decode.
+    scaling = (checkpoint or {}).get("latent_scaling") or {}
     try:
         autoencoder = load_autoencoder(vae, device=device, dtype=precision, shift_factor=scaling.get("shift_factor"),
                                        scaling_factor=scaling.get("scaling_factor"))  # frozen, in eval mode
     except (ValueError, FileNotFoundError) as error:
         raise UserError(f"--vae {vae}: {error}") from None
+    if args.backbone is not None and rank == 0:
+        print(f"--backbone {args.backbone}: decoding with {vae}'s own latent scaling {autoencoder.scaling_factor:g} "
+              f"(shift {autoencoder.shift_factor:g}, family {autoencoder.family}), as DiT, SiT and REPA do")
 
-    config = checkpoint["model_config"]
-    if autoencoder.latent_channels != config["in_channels"]:
+    if autoencoder.latent_channels != model.in_channels:
         parser.error(f"--vae {vae} has {autoencoder.latent_channels} latent channels, {args.ckpt} expects "
-                     f"in_channels={config['in_channels']}")
-    latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
-    resolution = config["input_size"] * autoencoder.downsample
-    trained_at = checkpoint.get("resolution")
+                     f"in_channels={model.in_channels}")
+    latent_shape = (model.in_channels, model.input_size, model.input_size)
+    resolution = model.input_size * autoencoder.downsample
+    trained_at = (checkpoint or {}).get("resolution")
     if trained_at is not None and trained_at != resolution:
         parser.error(f"--vae {vae} decodes {latent_shape} latents to {resolution} px, but {args.ckpt} was trained "
                      f"at {trained_at} px (checkpoint['resolution'])")
@@ -525,8 +695,9 @@ def run(parser, args, rank, world_size, device):
     images, nonfinite = sample_share(
         model_fn, diffusion, lambda z: autoencoder.decode(z.to(precision)), latent_shape,
         range(rank, args.num_samples, world_size), args.seed, conditions, lambda cond: null_condition(model, cond),
-        args.batch_size, args.steps, sampler, cfg_scale, args.eta, device,
-        autocast_dtype=torch.bfloat16 if dtype == "bf16" else None, progress=rank == 0)
+        args.batch_size, args.steps, settings["sampler"], cfg_scale, args.eta, device,
+        autocast_dtype=torch.bfloat16 if dtype == "bf16" else None, progress=rank == 0,
+        cfg_channels=settings["cfg_channels"], guidance_interval=settings["guidance_interval"])
 
     out = Path(args.out)
     if world_size > 1:
@@ -539,10 +710,12 @@ def run(parser, args, rank, world_size, device):
         images = gather_to_rank0(images, out, rank, world_size)
     if rank != 0:
         return
-    meta = dict(sampler=sampler, steps=args.steps, cfg=cfg_scale, eta=args.eta, seed=args.seed,
-                checkpoint=str(args.ckpt), ema=args.ema, vae=str(vae), step=int(checkpoint["step"]),
-                objective=diffusion.objective, num=args.num_samples, dtype=dtype, resolution=resolution,
-                labels=label_kind)
+    meta = dict(sampler=settings["sampler"], steps=args.steps, cfg=cfg_scale,
+                cfg_channels=settings["cfg_channels"] or model.in_channels,
+                guidance_interval=list(settings["guidance_interval"]), eta=args.eta,
+                backbone=getattr(model, "backbone", None), seed=args.seed, checkpoint=str(args.ckpt), ema=args.ema,
+                vae=str(vae), step=int(checkpoint["step"]) if checkpoint else None, objective=diffusion.objective,
+                num=args.num_samples, dtype=dtype, resolution=resolution, labels=label_kind)
     write_samples(out, images, labels, meta)
     print(f"wrote {out}: {images.shape} uint8, {meta}")
     if args.grid:

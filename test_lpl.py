@@ -41,10 +41,11 @@ import train
 from autoencoder import build_kl_autoencoder, save_autoencoder
 from data import EpochSampler, LatentDataset
 from lpl import LatentPerceptualLoss, normalize, odd_kernel, outlier_mask
-from model import MODELS, MMDiT, build_model
-from sample import (ddim_step, default_cfg_scale, latents_to_uint8, main, mmdit_model_fn, null_condition, sample,
-                    sample_share, sampling_times, save_grid)
-from schedules import Diffusion, mode_with_heavy_tails, resolution_shift, scaled_linear_alphas_cumprod
+from model import MODELS, MMDiT, backbone_diffusion, backbone_state_dict, build_model
+from sample import (ddim_step, ddpm_step, default_cfg_scale, latents_to_uint8, main, mmdit_model_fn, null_condition,
+                    respaced_steps, sample, sample_share, sampling_times, save_grid, sde_step)
+from schedules import (Diffusion, linear_alphas_cumprod, mode_with_heavy_tails, resolution_shift,
+                       scaled_linear_alphas_cumprod, split_variance)
 from train import Trainer, check_args, parse_args, update_ema, warmed_up, weights_checksum
 
 REPO = Path(__file__).resolve().parent
@@ -243,6 +244,243 @@ def test_config_round_trip():
     t = torch.rand(5)
     assert all(torch.equal(a, b) for a, b in zip(diffusion.alpha_sigma(t), again.alpha_sigma(t)))
     assert again.config() == diffusion.config()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT's process: linear betas, the DDPM posterior, the learned variance of the hybrid loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def dit_diffusion():
+    """DiT's process: DDPM-eps, linear betas 1e-4..0.02 over 1000 steps."""
+    return Diffusion("eps", beta_schedule="linear")
+
+
+def closed_form_linear_abar(k, num_steps=1000, beta_start=1e-4, beta_end=0.02):
+    """abar_k = prod_{j <= k} (1 - beta_j), beta_j = beta_start + j (beta_end - beta_start) / (num_steps - 1)."""
+    return math.prod(1 - (beta_start + j * (beta_end - beta_start) / (num_steps - 1)) for j in range(k + 1))
+
+
+def respaced_posterior_tables(abar, grid):
+    """DiT's respace.py on a sub-grid of steps: betas' = 1 - abar_k / abar_previous, then GaussianDiffusion's
+    consecutive-step posterior tables of that re-defined schedule (coef x0, coef x_t, variance, clipped log var)."""
+    kept = abar[grid]
+    betas = 1 - kept / torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+    abar_new = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar_new[:-1]])
+    variance = betas * (1 - abar_prev) / (1 - abar_new)
+    log_clipped = torch.cat([variance[1:2], variance[1:]]).log()
+    coef_x0 = betas * abar_prev.sqrt() / (1 - abar_new)
+    coef_xt = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar_new)
+    return coef_x0, coef_xt, variance, log_clipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Beta schedules and config
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_linear_schedule_is_the_closed_form():
+    abar = linear_alphas_cumprod(1000, 1e-4, 0.02)
+    for k in (0, 1, 499, 998, 999):
+        assert abs(abar[k].item() - closed_form_linear_abar(k)) < 1e-15
+    assert torch.equal(dit_diffusion().alphas_cumprod, abar)
+    # DiT's get_named_beta_schedule("linear", n) scales both betas by 1000 / n
+    short = Diffusion("eps", num_steps=250, beta_schedule="linear")
+    assert (short.beta_start, short.beta_end) == (4e-4, 0.08)
+    assert abs(short.alphas_cumprod[-1].item() - closed_form_linear_abar(249, 250, 4e-4, 0.08)) < 1e-15
+    assert torch.equal(Diffusion("eps").alphas_cumprod, scaled_linear_alphas_cumprod())
+
+
+def test_config_records_the_betas_and_round_trips():
+    for diffusion in (dit_diffusion(), Diffusion("v", beta_start=0.001, beta_end=0.015), Diffusion("flow")):
+        config = diffusion.config()
+        assert {"beta_schedule", "beta_start", "beta_end"} <= config.keys()
+        again = Diffusion(**config)
+        assert again.config() == config
+        if not diffusion.is_flow:
+            assert torch.equal(again.alphas_cumprod, diffusion.alphas_cumprod)
+    assert dit_diffusion().config()["beta_schedule"] == "linear"
+
+
+def test_configs_written_before_the_betas_rebuild_as_scaled_linear():
+    old = dict(objective="eps", num_steps=1000, zero_terminal_snr=False, time_sampling="mode", mode_scale=1.29,
+               logit_mean=0.0, logit_std=1.0, shift=1.0)
+    rebuilt = Diffusion(**old)
+    assert (rebuilt.beta_schedule, rebuilt.beta_start, rebuilt.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert torch.equal(rebuilt.alphas_cumprod, scaled_linear_alphas_cumprod())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The posterior q(x_s | x_t, x_0)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t, s", [(0.002, 0.001), (0.501, 0.5), (1.0, 0.999), (0.7, 0.3), (0.9, 0.05)])
+def test_posterior_is_bayes_rule_on_a_1d_gaussian(t, s):
+    """p(x_s | x_t, x_0) proportional to q(x_s | x_0) q(x_t | x_s), integrated numerically on a fine 1-D grid."""
+    diffusion = dit_diffusion()
+    abar_t = diffusion.alphas_cumprod[round(t * 1000) - 1].item()
+    abar_s = diffusion.alphas_cumprod[round(s * 1000) - 1].item()
+    x0, xt = 0.7, -0.4
+    prior_mean, prior_std = math.sqrt(abar_s) * x0, math.sqrt(1 - abar_s)
+    scale, likelihood_std = math.sqrt(abar_t / abar_s), math.sqrt(1 - abar_t / abar_s)
+    centres, width = (prior_mean, xt / scale), max(prior_std, likelihood_std / scale)  # the window holds both
+    spacing = min(prior_std, likelihood_std / scale) / 200  # the posterior std is at least the smaller / sqrt(2)
+    points = math.ceil((max(centres) - min(centres) + 24 * width) / spacing)
+    xs = torch.linspace(min(centres) - 12 * width, max(centres) + 12 * width, points, dtype=torch.float64)
+    log_prior = -0.5 * (xs - prior_mean) ** 2 / prior_std**2
+    log_likelihood = -0.5 * (xt - scale * xs) ** 2 / likelihood_std**2
+    weights = (log_prior + log_likelihood - (log_prior + log_likelihood).max()).exp()
+    bayes_mean = (weights * xs).sum() / weights.sum()
+    bayes_variance = (weights * (xs - bayes_mean) ** 2).sum() / weights.sum()
+    as_batch = lambda value: torch.tensor([value], dtype=torch.float64)
+    mean, variance, log_variance = diffusion.posterior(as_batch(x0), as_batch(xt), as_batch(t), as_batch(s))
+    assert abs(mean.item() - bayes_mean.item()) < 1e-9 * max(1.0, abs(bayes_mean.item()))
+    assert abs(variance.item() / bayes_variance.item() - 1) < 1e-9
+    assert abs(log_variance.item() - math.log(variance.item())) < 1e-12
+
+
+def test_posterior_over_a_sub_grid_is_that_of_the_respaced_schedule():
+    """DiT's 250 respaced steps (space_timesteps(1000, [250])) and an irregular sub-grid: the posterior between
+    neighbouring sub-grid times equals the consecutive-step posterior of the schedule whose betas are the sub-grid's."""
+    diffusion = dit_diffusion()
+    for grid in ([round(j * 999 / 249) for j in range(250)], [0, 3, 10, 200, 201, 650, 999]):
+        grid = torch.tensor(grid)
+        coef_x0, coef_xt, variance, log_clipped = respaced_posterior_tables(diffusion.alphas_cumprod, grid)
+        t = (grid + 1).double() / 1000
+        s = torch.cat([torch.zeros(1, dtype=torch.float64), t[:-1]])
+        z0, zt = torch.randn(2, len(grid), 3, 2, 2, dtype=torch.float64).unbind(0)
+        mean, ours_variance, ours_log = diffusion.posterior(z0, zt, t, s, second_t=t[1].item())
+        expected_mean = coef_x0.view(-1, 1, 1, 1) * z0 + coef_xt.view(-1, 1, 1, 1) * zt
+        assert torch.allclose(mean, expected_mean, rtol=1e-12, atol=1e-13)
+        assert torch.allclose(ours_variance, variance, rtol=1e-10, atol=0)
+        assert torch.allclose(ours_log, log_clipped, rtol=1e-12, atol=0)
+
+
+def test_first_step_log_variance_is_clipped_to_the_second_steps():
+    diffusion = dit_diffusion()
+    z0, zt = torch.randn(2, 2, 4, dtype=torch.float64).unbind(0)
+    first, zero = torch.full((2,), 0.001, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    mean, variance, log_variance = diffusion.posterior(z0, zt, first, zero)
+    assert torch.equal(variance, zero) and torch.allclose(mean, z0, rtol=0, atol=1e-15)
+    _, second_variance, _ = diffusion.posterior(z0, zt, torch.full((2,), 0.002, dtype=torch.float64), first)
+    assert torch.allclose(log_variance, second_variance.log(), rtol=1e-14, atol=0)
+    beta, abar = 1 - diffusion.alphas_cumprod[1] / diffusion.alphas_cumprod[0], diffusion.alphas_cumprod
+    assert abs(log_variance[0].item() - math.log(beta * (1 - abar[0]) / (1 - abar[1]))) < 1e-12  # ADM's value
+    # a sub-grid's first step takes its own second time: here 0.005 (DiT's 250 steps: k = 0, 4, ...)
+    _, _, respaced_log = diffusion.posterior(z0, zt, first, 0.0, second_t=0.005)
+    _, respaced_second, _ = diffusion.posterior(z0, zt, torch.full((2,), 0.005, dtype=torch.float64), first)
+    assert torch.allclose(respaced_log, respaced_second.log(), rtol=1e-14, atol=0)
+
+
+def test_learned_log_variance_spans_the_clipped_posterior_to_beta():
+    diffusion = dit_diffusion()
+    t, s = torch.tensor([0.001, 0.3, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.299, 0.999], dtype=torch.float64)
+    _, _, min_log = diffusion.posterior(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), t, s)
+    table = torch.cat([torch.ones(1, dtype=torch.float64), diffusion.alphas_cumprod])
+    max_log = (1 - table[[1, 300, 1000]] / table[[0, 299, 999]]).log()
+    ones = torch.ones(3, 2, dtype=torch.float64)
+    assert torch.allclose(diffusion.learned_log_variance(-ones, t, s), min_log[:, None].expand(3, 2), rtol=1e-14)
+    assert torch.allclose(diffusion.learned_log_variance(ones, t, s), max_log[:, None].expand(3, 2), rtol=1e-14)
+    middle = ((min_log + max_log) / 2)[:, None].expand(3, 2)
+    assert torch.allclose(diffusion.learned_log_variance(0 * ones, t, s), middle, rtol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The variational bound of the hybrid loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def tanh_normal_cdf(x):
+    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def direct_variational_bound(z0, zt, k, eps_hat, values, normal_cdf):
+    """One sample, written out: abar from the closed form, Ho et al.'s posterior, Nichol & Dhariwal's learned range,
+    the Gaussian KL, or at k = 0 the NLL of the 2/255-wide bin (outermost bins open) under normal_cdf; bits/dim."""
+    abar_t = closed_form_linear_abar(k)
+    abar_s = closed_form_linear_abar(k - 1) if k > 0 else 1.0
+    beta = 1 - abar_t / abar_s
+    posterior_variance = beta * (1 - abar_s) / (1 - abar_t)
+    if k == 0:
+        abar_next = closed_form_linear_abar(1)
+        min_log = math.log((1 - abar_next / abar_t) * (1 - abar_t) / (1 - abar_next))
+    else:
+        min_log = math.log(posterior_variance)
+    mean_of = lambda x0: (math.sqrt(abar_s) * beta * x0 + math.sqrt(abar_t / abar_s) * (1 - abar_s) * zt) / (1 - abar_t)
+    x0_hat = (zt - math.sqrt(1 - abar_t) * eps_hat) / math.sqrt(abar_t)
+    model_log_variance = (values + 1) / 2 * math.log(beta) + (1 - values) / 2 * min_log
+    if k > 0:
+        kl = 0.5 * (model_log_variance - min_log + math.exp(min_log) / model_log_variance.exp()
+                    + (mean_of(z0) - mean_of(x0_hat)) ** 2 / model_log_variance.exp() - 1)
+        return kl.mean().item() / math.log(2)
+    std = (0.5 * model_log_variance).exp()
+    above = normal_cdf((z0 - mean_of(x0_hat) + 1 / 255) / std)
+    below = normal_cdf((z0 - mean_of(x0_hat) - 1 / 255) / std)
+    probability = torch.where(z0 < -0.999, above, torch.where(z0 > 0.999, 1 - below, above - below))
+    return -probability.log().mean().item() / math.log(2)
+
+
+def vb_inputs(steps, generator):
+    """Data-like z0 (uint8 levels in [-1, 1], the edge bins included), its x_t, a fixed eps_hat and variance values."""
+    n = len(steps)
+    z0 = torch.randint(0, 256, (n, 2, 3, 3), generator=generator).double() / 127.5 - 1
+    z0[:, 0, 0, :2] = torch.tensor([-1.0, 1.0])  # the two open-ended bins
+    noise, eps_hat = torch.randn(2, n, 2, 3, 3, generator=generator, dtype=torch.float64)
+    eps_hat = noise + 0.3 * eps_hat  # a decent denoiser: the k = 0 bins keep non-negligible probability
+    values = 2 * torch.rand(n, 2, 3, 3, generator=generator, dtype=torch.float64) - 1
+    t = (torch.tensor(steps) + 1).double() / 1000
+    return z0, dit_diffusion().add_noise(z0, noise, t), t, eps_hat, values
+
+
+def test_variational_bound_is_the_direct_evaluation():
+    steps = [0, 0, 1, 2, 37, 500, 998, 999]
+    z0, zt, t, eps_hat, values = vb_inputs(steps, torch.Generator().manual_seed(0))
+    bound = dit_diffusion().variational_bound(z0, zt, t, eps_hat, values)
+    for i, k in enumerate(steps):
+        expected = direct_variational_bound(z0[i], zt[i], k, eps_hat[i], values[i], tanh_normal_cdf)
+        assert abs(bound[i].item() - expected) <= 1e-10 * max(1.0, abs(expected)), (k, bound[i].item(), expected)
+    # the tanh CDF (DiT's) is an approximation: the exact normal CDF moves the k = 0 NLL by well under a percent here
+    exact = direct_variational_bound(z0[0], zt[0], 0, eps_hat[0], values[0], torch.special.ndtr)
+    assert abs(bound[0].item() - exact) < 1e-2 * abs(exact)
+
+
+def test_variational_bound_snaps_float32_times_and_trains_only_the_variance():
+    diffusion = dit_diffusion()
+    z0, zt, t, eps_hat, values = vb_inputs([0, 5, 731], torch.Generator().manual_seed(1))
+    z0, zt, eps_hat = z0.float(), zt.float(), eps_hat.float().requires_grad_()
+    values = values.float().requires_grad_()
+    bound = diffusion.variational_bound(z0, zt, t.float(), eps_hat.detach(), values)
+    again = diffusion.variational_bound(z0, zt, t, eps_hat.detach(), values)
+    assert bound.shape == (3,) and bound.dtype == torch.float32 and torch.allclose(bound, again)
+    bound.sum().backward()
+    assert values.grad.isfinite().all() and values.grad.abs().sum() > 0 and eps_hat.grad is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise():
+    diffusion, x = dit_diffusion(), torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        Diffusion("eps", beta_schedule="cosine")
+    with pytest.raises(ValueError, match="beta_start"):
+        Diffusion("eps", beta_start=0.0)
+    with pytest.raises(ValueError, match="t must lie on the grid"):
+        diffusion.posterior(x, x, torch.tensor([0.0015]), torch.tensor([0.001]))
+    with pytest.raises(ValueError, match="s must lie on the grid"):
+        diffusion.posterior(x, x, torch.tensor([0.5]), torch.tensor([-0.001]))
+    with pytest.raises(ValueError, match="s must be earlier"):
+        diffusion.posterior(x, x, torch.tensor([0.5]), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="second_t"):
+        diffusion.posterior(x, x, torch.tensor([0.005]), torch.tensor([0.0]), second_t=0.005)
+    with pytest.raises(ValueError, match="t must lie on the grid"):
+        diffusion.variational_bound(x, x, torch.tensor([0.0]), x, x)
+    with pytest.raises(ValueError, match="t must lie on the grid"):
+        diffusion.learned_log_variance(x, torch.tensor([1.001]), torch.tensor([0.5]))
+    for objective in ("v", "flow"):
+        with pytest.raises(ValueError, match="objective"):
+            Diffusion(objective).variational_bound(x, x, torch.tensor([0.5]), x, x)
+    with pytest.raises(ValueError, match="objective"):
+        Diffusion("flow").posterior(x, x, torch.tensor([0.5]), torch.tensor([0.4]))
 
 
 # ==================================================================================================================
@@ -673,6 +911,225 @@ def test_conditioning_and_modulation_stay_float32_under_bf16_autocast():
         out = model(x, t, **kwargs)
     assert dtypes == {"modulation": torch.float32, "qkv": torch.bfloat16, "q_norm": torch.bfloat16}
     assert out.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public ImageNet models: DiT, SiT and REPA's SiT in their layout, post-trained, exported
+# ----------------------------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public ImageNet models: their layout in, their layout out, their conventions through the adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+def released_state_dict(backbone, depth=2, hidden=1152, patch=2, grid=16, classes=1000, seed=0):
+    """A state dict with the key names and shapes of DiT's / SiT's models.py and REPA's models/sit.py (XL/2 by
+    default: hidden 1152, 16 x 16 patches of 32 x 32 x 4 latents), written out here from their code, random values."""
+    generator = torch.Generator().manual_seed(seed)
+    out_channels = 4 if backbone == "repa" else 8  # DiT and SiT: learn_sigma
+
+    def tensor(*shape):
+        return 0.02 * torch.randn(shape, generator=generator)
+
+    state = {"pos_embed": tensor(1, grid * grid, hidden), "x_embedder.proj.weight": tensor(hidden, 4, patch, patch),
+             "x_embedder.proj.bias": tensor(hidden), "t_embedder.mlp.0.weight": tensor(hidden, 256),
+             "t_embedder.mlp.0.bias": tensor(hidden), "t_embedder.mlp.2.weight": tensor(hidden, hidden),
+             "t_embedder.mlp.2.bias": tensor(hidden), "y_embedder.embedding_table.weight": tensor(classes + 1, hidden)}
+    for i in range(depth):
+        state.update({f"blocks.{i}.attn.qkv.weight": tensor(3 * hidden, hidden),
+                      f"blocks.{i}.attn.qkv.bias": tensor(3 * hidden),
+                      f"blocks.{i}.attn.proj.weight": tensor(hidden, hidden), f"blocks.{i}.attn.proj.bias": tensor(hidden),
+                      f"blocks.{i}.mlp.fc1.weight": tensor(4 * hidden, hidden), f"blocks.{i}.mlp.fc1.bias": tensor(4 * hidden),
+                      f"blocks.{i}.mlp.fc2.weight": tensor(hidden, 4 * hidden), f"blocks.{i}.mlp.fc2.bias": tensor(hidden),
+                      f"blocks.{i}.adaLN_modulation.1.weight": tensor(6 * hidden, hidden),
+                      f"blocks.{i}.adaLN_modulation.1.bias": tensor(6 * hidden)})
+    if backbone == "repa":  # its alignment projector: loaded, listed, not run
+        state.update({"projectors.0.0.weight": tensor(2048, hidden), "projectors.0.0.bias": tensor(2048),
+                      "projectors.0.2.weight": tensor(2048, 2048), "projectors.0.2.bias": tensor(2048),
+                      "projectors.0.4.weight": tensor(768, 2048), "projectors.0.4.bias": tensor(768)})
+    state.update({"final_layer.linear.weight": tensor(patch * patch * out_channels, hidden),
+                  "final_layer.linear.bias": tensor(patch * patch * out_channels),
+                  "final_layer.adaLN_modulation.1.weight": tensor(2 * hidden, hidden),
+                  "final_layer.adaLN_modulation.1.bias": tensor(2 * hidden)})
+    return state
+
+
+@pytest.mark.parametrize("backbone", model_lib.BACKBONES)
+@pytest.mark.parametrize("size", ["XL/2, 2 blocks", "S/2, 1 block, 4 classes"])
+def test_released_layouts_load_strictly_and_export_bit_identically(tmp_path, backbone, size):
+    small = size.startswith("S")
+    state = released_state_dict(backbone, depth=1 if small else 2, hidden=384 if small else 1152,
+                                grid=4 if small else 16, classes=4 if small else 1000)
+    path = tmp_path / "released.pt"
+    torch.save(state, path)
+    said = []
+    model, diffusion = model_lib.load_backbone(path, backbone, log=said.append)
+    assert (model.depth, model.hidden_size, model.num_heads) == ((1, 384, 6) if small else (2, 1152, 16))
+    assert model.out_channels == (4 if backbone == "repa" else 8)
+    assert diffusion.objective == ("eps" if backbone == "dit" else "flow")
+    assert backbone in said[0] and ("projectors" in said[0]) == (backbone == "repa")
+    exported = model_lib.backbone_state_dict(model, backbone)
+    assert list(exported) == list(state)  # the file's keys, in its order
+    assert_same(exported, state)
+    # a training checkpoint of theirs: the EMA weights are taken
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": state, "opt": {},
+                "args": __import__("argparse").Namespace(model="DiT-XL/2")}, tmp_path / "training.pt")
+    from_training, _ = model_lib.load_backbone(tmp_path / "training.pt", backbone, log=said.append)
+    assert "'ema'" in said[-1]
+    assert_same(model_lib.backbone_state_dict(from_training, backbone), state)
+
+
+def test_a_wrong_backbone_or_a_missing_key_is_refused_in_one_line(tmp_path):
+    state = released_state_dict("repa", depth=1, hidden=384, grid=4, classes=4)
+    torch.save(state, tmp_path / "repa.pt")
+    with pytest.raises(model_lib.UserError, match="4 output channels; a dit checkpoint has 8"):
+        model_lib.load_backbone(tmp_path / "repa.pt", "dit")
+    del state["blocks.0.attn.proj.bias"]
+    torch.save(state, tmp_path / "cut.pt")
+    with pytest.raises(model_lib.UserError, match=r"does not fit the repa layout.*blocks\.0\.proj\.bias"):
+        model_lib.load_backbone(tmp_path / "cut.pt", "repa")
+
+
+def test_adapters_give_each_baselines_x0_estimate():
+    """Their network output, through our adapter and Table 1, gives the x0 estimate of their own formula."""
+    generator = torch.Generator().manual_seed(0)
+    x, out = torch.randn(3, 4, 4, 4, generator=generator, dtype=torch.float64), \
+        torch.randn(3, 8, 4, 4, generator=generator, dtype=torch.float64)
+    # DiT: step k of the linear betas; x0 = (x - sqrt(1 - abar_k) eps) / sqrt(abar_k)
+    k = torch.tensor([0, 417, 999])
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    abar = torch.from_numpy(np.cumprod(1 - betas))[k].view(-1, 1, 1, 1)
+    t = (k + 1).double() / 1000
+    assert torch.equal(model_lib.network_time("dit", t.float()), k.float())
+    eps = model_lib.our_prediction("dit", out, 4)[:, :4]
+    ours = model_lib.backbone_diffusion("dit").x0_from_pred(x, eps, t)
+    assert torch.allclose(ours, (x - (1 - abar).sqrt() * out[:, :4]) / abar.sqrt(), rtol=1e-9)
+    # SiT: x_t = t_s x1 + (1 - t_s) eps, velocity x1 - eps: x1 = x_t + (1 - t_s) v (the first 4 of its 8 channels)
+    t_sit = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    t = 1 - t_sit
+    assert torch.equal(model_lib.network_time("sit", t), 1 - t)
+    ours = model_lib.backbone_diffusion("sit").x0_from_pred(x, model_lib.our_prediction("sit", out, 4), t)
+    assert torch.allclose(ours, x + (1 - t_sit).view(-1, 1, 1, 1) * out[:, :4], rtol=1e-12)
+    # REPA: x_t = (1 - t) x0 + t eps, velocity eps - x0: x0 = x_t - t v
+    ours = model_lib.backbone_diffusion("repa").x0_from_pred(x, model_lib.our_prediction("repa", out[:, :4], 4), t)
+    assert torch.allclose(ours, x - t.view(-1, 1, 1, 1) * out[:, :4], rtol=1e-12)
+
+
+def test_dit_grid_times_land_exactly_on_their_steps():
+    k = torch.arange(1000)
+    for dtype in (torch.float32, torch.float64):
+        t = ((k + 1).double() / 1000).to(dtype)
+        assert torch.equal(model_lib.network_time("dit", t), k.to(dtype))
+
+
+@pytest.fixture(scope="module")
+def dit_file(tmp_path_factory):
+    """A released-layout DiT file: S/2 width, 1 block, 8x8x4 latents, the 4 classes of write_dataset."""
+    path = tmp_path_factory.mktemp("dit") / "DiT-tiny.pt"
+    torch.save(released_state_dict("dit", depth=1, hidden=384, grid=4, classes=4), path)
+    return path
+
+
+def test_post_training_a_dit_checkpoint_with_lpl_resumes_bit_exactly(tmp_path, dit_file):
+    from test_lpl import build_kl_autoencoder, save_autoencoder
+    data = write_dataset(tmp_path / "data", count=16)
+    vae = tmp_path / "vae.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_autoencoder(build_kl_autoencoder("sd", ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1), vae)
+    common = ["--data", data, "--global-batch-size", 4, "--log-every", 1, "--sample-every", 0, "--lpl", "--vae", vae,
+              "--lpl-threshold", 1000]
+
+    def run(out, *flags):
+        train.main([str(a) for a in [*common, "--out", out, *flags]])
+
+    run(tmp_path / "straight", "--steps", 5, "--ckpt-every", 2, "--init-from", dit_file, "--backbone", "dit")
+    run(tmp_path / "resumed", "--steps", 2, "--ckpt-every", 2, "--init-from", dit_file, "--backbone", "dit")
+    run(tmp_path / "resumed", "--steps", 5, "--ckpt-every", 2, "--resume", "last")  # the model from the checkpoint
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    drop = ("img_per_s", "peak_memory_gb")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in resumed]
+    assert all(r["vb"] > 0 and r["lpl"] > 0 for r in straight)  # the hybrid loss and LPL, every step
+    a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for key in ("model", "ema", "optimizer", "rng", "data"):
+        assert_same(a[key], b[key], key)
+    assert a["model_config"]["backbone"] == "dit" and a["args"]["objective"] == "eps"
+    assert a["diffusion"]["beta_schedule"] == "linear"
+    # exported, it is the released layout again: the same keys in the same order, the trained weights
+    state = model_lib.export(["--ckpt", str(tmp_path / "straight" / "checkpoints" / "last.pt"),
+                              "--out", str(tmp_path / "exported.pt")])
+    released = torch.load(dit_file)
+    assert list(state) == list(released) and not torch.equal(state["blocks.0.attn.qkv.weight"],
+                                                              released["blocks.0.attn.qkv.weight"])
+    assert_same(torch.load(tmp_path / "exported.pt"), state)
+
+
+def test_backbone_flags_are_checked(tmp_path, dit_file):
+    data = write_dataset(tmp_path / "data", count=16)
+    base = ["--data", str(data), "--out", str(tmp_path / "run")]
+    for flags, message in ((["--backbone", "dit"], "give --init-from FILE"),
+                           (["--backbone", "dit", "--init-from", str(dit_file), "--model", "demo"], "--model demo"),
+                           (["--backbone", "dit", "--init-from", str(dit_file), "--objective", "flow"], "--objective"),
+                           (["--model", "SiT-S/2", "--flow-shift", "2"], "--flow-shift")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(base + flags)
+    wide = write_dataset(tmp_path / "wide", count=16, side=16)
+    with pytest.raises(SystemExit, match="takes 4x8x8 latents of 4 classes"):
+        train.main(["--data", str(wide), "--out", str(tmp_path / "w"), "--backbone", "dit", "--init-from",
+                    str(dit_file), "--global-batch-size", "4"])
+
+
+def test_split_variance_takes_dits_learned_variance_channels():
+    output = torch.randn(2, 8, 4, 4)
+    prediction, variance = split_variance(output, 4)
+    assert torch.equal(prediction, output[:, :4]) and torch.equal(variance, output[:, 4:])
+    assert split_variance(output[:, :4], 4)[1] is None
+
+
+def diffusers_folder(state, folder, depth, heads, grid=16):
+    """DiT's weights in the diffusers DiTTransformer2DModel layout, as diffusers' scripts/convert_dit_to_diffusers.py
+    lays them out (its mapping written out here): embedders copied into every block, q, k, v apart."""
+    from runtime import save_safetensors
+    hidden = state["x_embedder.proj.weight"].shape[0]
+    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"],
+           "proj_out_1.weight": state["final_layer.adaLN_modulation.1.weight"],
+           "proj_out_1.bias": state["final_layer.adaLN_modulation.1.bias"],
+           "proj_out_2.weight": state["final_layer.linear.weight"], "proj_out_2.bias": state["final_layer.linear.bias"]}
+    for i in range(depth):
+        block = f"transformer_blocks.{i}."
+        for suffix in ("weight", "bias"):
+            out[f"{block}norm1.emb.timestep_embedder.linear_1.{suffix}"] = state[f"t_embedder.mlp.0.{suffix}"].clone()
+            out[f"{block}norm1.emb.timestep_embedder.linear_2.{suffix}"] = state[f"t_embedder.mlp.2.{suffix}"].clone()
+            out[f"{block}norm1.linear.{suffix}"] = state[f"blocks.{i}.adaLN_modulation.1.{suffix}"]
+            for name, part in zip("qkv", state[f"blocks.{i}.attn.qkv.{suffix}"].chunk(3)):
+                out[f"{block}attn1.to_{name}.{suffix}"] = part.contiguous()
+            out[f"{block}attn1.to_out.0.{suffix}"] = state[f"blocks.{i}.attn.proj.{suffix}"]
+            out[f"{block}ff.net.0.proj.{suffix}"] = state[f"blocks.{i}.mlp.fc1.{suffix}"]
+            out[f"{block}ff.net.2.{suffix}"] = state[f"blocks.{i}.mlp.fc2.{suffix}"]
+        out[f"{block}norm1.emb.class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"].clone()
+    (folder / "transformer").mkdir(parents=True)
+    save_safetensors(out, folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    (folder / "transformer" / "config.json").write_text(json.dumps(dict(
+        num_layers=depth, num_attention_heads=heads, attention_head_dim=hidden // heads, sample_size=grid * 2,
+        patch_size=2, in_channels=4, out_channels=8)))
+    return out
+
+
+def test_the_diffusers_dit_folder_loads_as_dits_own_layout(tmp_path):
+    state = released_state_dict("dit", depth=2, hidden=384, grid=4, classes=4)
+    state["pos_embed"] = model_lib.sincos_position_embedding(4, 4, 384, "cpu", torch.float64).float()[None]
+    torch.save(state, tmp_path / "dit.pt")
+    out = diffusers_folder(state, tmp_path / "pipeline", depth=2, heads=6, grid=4)
+    original, _ = model_lib.load_backbone(tmp_path / "dit.pt", "dit", log=lambda message: None)
+    said = []
+    converted, diffusion = model_lib.load_backbone(tmp_path / "pipeline", "diffusers-dit", log=said.append)
+    assert "converted to DiT's" in said[0] and diffusion.objective == "eps"
+    assert_same(converted.state_dict(), original.state_dict())  # the same model: DiT's numerics, not diffusers'
+    out["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1  # copies that differ: refused
+    from runtime import save_safetensors
+    save_safetensors(out, tmp_path / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(model_lib.UserError, match="per-block copies .* differ"):
+        model_lib.load_backbone(tmp_path / "pipeline", "diffusers-dit")
 
 
 # ==================================================================================================================
@@ -1257,7 +1714,7 @@ def test_encode_labels_flip_and_unreadable(taef2, tmp_path, capsys):
 
 def encode_args(vae, images, out, **overrides):
     args = dict(vae=[vae], vae_family=None, scaling_factor=None, shift_factor=None, device="cpu", images=images,
-                out=out, resolution=32, flip=False, batch_size=4, workers=0)
+                out=out, resolution=32, flip=False, batch_size=4, workers=0, posterior_std=False)
     return argparse.Namespace(**{**args, **overrides})
 
 
@@ -2150,9 +2607,9 @@ def test_cli_writes_the_adm_npz_layout_with_meta(cli):
     assert npz["labels"].dtype == np.int64 and npz["labels"].shape == (5,) and set(npz["labels"]) <= {0, 1, 2}
     assert np.array_equal(npz["labels"], np.random.default_rng(7).integers(0, 3, 5))
     meta = json.loads(str(npz["meta"]))
-    assert meta == dict(sampler="ddim", steps=4, cfg=1.5, eta=0.0, seed=7, checkpoint=str(ckpt), ema=True,
-                        vae=str(cli / "vae.safetensors"), step=1234, objective="eps", num=5, dtype="fp32",
-                        resolution=16, labels="random")
+    assert meta == dict(sampler="ddim", steps=4, cfg=1.5, cfg_channels=4, guidance_interval=[0.0, 1.0], eta=0.0,
+                        backbone=None, seed=7, checkpoint=str(ckpt), ema=True, vae=str(cli / "vae.safetensors"),
+                        step=1234, objective="eps", num=5, dtype="fp32", resolution=16, labels="random")
     assert np.asarray(Image.open(grid)).shape == (2 * 16, 3 * 16, 3)
     assert not [p for p in cli.iterdir() if p.name.startswith(".")]  # no temporary files left behind
 
@@ -2264,6 +2721,284 @@ def test_cli_under_torchrun_matches_one_process(cli):
         assert np.array_equal(two["labels"], single["labels"])
         assert np.abs(two["arr_0"].astype(int) - single["arr_0"].astype(int)).max() <= 1
     assert not list(cli.glob(".*"))  # the per-rank part files are gone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT's ancestral sampler, the flow models' SDE, guidance on some channels and in an interval, released files
+# ----------------------------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT's respaced grid and ancestral step
+# ----------------------------------------------------------------------------------------------------------------
+
+def dit_space_timesteps(num_steps, count):
+    """DiT's respace.space_timesteps(num_steps, str(count)), one section, written out: the positions 0, stride,
+    2 stride, ... summed one after the other in float64 (not i * stride), each rounded half to even."""
+    if count == 1:
+        return [0]
+    positions = np.cumsum(np.r_[0.0, np.full(count - 1, (num_steps - 1) / (count - 1))])
+    return [int(k) for k in np.round(positions)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 10, 21, 27, 50, 100, 250, 999, 1000])
+def test_respaced_grid_is_dits_space_timesteps(count):
+    assert respaced_steps(1000, count) == dit_space_timesteps(1000, count)
+    times = sampling_times(backbone_diffusion("dit"), count, "ddpm")
+    assert times == [(k + 1) / 1000 for k in reversed(dit_space_timesteps(1000, count))] + [0.0]
+
+
+def test_respaced_grid_sums_the_stride_as_dit_does():
+    # 21 steps: 10 * 49.95 summed in float64 is 499.49999999999994, which rounds to 499; 10 * 49.95 = 499.5 -> 500
+    assert respaced_steps(1000, 21)[10] == 499
+    assert respaced_steps(1000, 250)[:4] == [0, 4, 8, 12] and respaced_steps(1000, 250)[-1] == 999
+    with pytest.raises(ValueError, match="steps=1001"):
+        respaced_steps(1000, 1001)
+
+
+def linear_abar(k):
+    """DiT's abar_k: prod_{j <= k} (1 - beta_j), betas = linspace(1e-4, 0.02, 1000)."""
+    return float(np.prod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64)[: k + 1]))
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_one_ddpm_step_is_the_posterior_mean_plus_the_learned_or_fixed_large_std(learned):
+    """Between respaced steps k = 500 (t) and k = 400 (s): beta = 1 - abar_t / abar_s, beta-tilde = beta (1 - abar_s)
+    / (1 - abar_t); mean = sqrt(abar_s) beta / (1 - abar_t) z0 + sqrt(abar_t / abar_s) (1 - abar_s) / (1 - abar_t) x;
+    log var = frac log beta + (1 - frac) log beta-tilde, frac = (v + 1) / 2, or log beta (FIXED_LARGE)."""
+    diffusion = backbone_diffusion("dit")
+    generator = torch.Generator().manual_seed(0)
+    x, eps, values = torch.randn(3, 2, 4, 4, 4, generator=generator, dtype=torch.float64).unbind(0)
+    values = values.tanh()  # DiT's variance channels: [-1, 1]
+    abar_t, abar_s = linear_abar(500), linear_abar(400)
+    z0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+    beta = 1 - abar_t / abar_s
+    beta_tilde = beta * (1 - abar_s) / (1 - abar_t)
+    mean = math.sqrt(abar_s) * beta / (1 - abar_t) * z0 + math.sqrt(abar_t / abar_s) * (1 - abar_s) / (1 - abar_t) * x
+    frac = (values + 1) / 2 if learned else torch.ones_like(values)
+    std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(beta_tilde)))
+    t = torch.full((2,), 501 / 1000, dtype=torch.float64)
+    z0_hat = diffusion.x0_from_pred(x, eps, t)
+    step = lambda noise_like: ddpm_step(diffusion, x, z0_hat, values if learned else None, t, 401 / 1000, noise_like)
+    assert torch.allclose(step(torch.zeros_like), mean, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(step(torch.ones_like) - step(torch.zeros_like), std, rtol=1e-10, atol=1e-12)
+
+
+def test_ddpm_sampler_calls_the_network_at_dits_steps_and_uses_its_variance_channels():
+    diffusion = backbone_diffusion("dit")
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def dit_like(variance):  # eps followed by 4 variance channels, as a DiT network answers
+        return lambda x, t, cond: torch.cat([0.3 * x, torch.full_like(x, variance)], dim=1)
+
+    calls = []
+    run = lambda model_fn, seed=0: sample(model_fn, diffusion, noise, steps=10, sampler="ddpm",
+                                          generator=torch.Generator().manual_seed(seed))
+    low = run(recording(dit_like(-1.0), calls))
+    assert [round(t[0].item() * 1000) - 1 for _, t, _ in calls] == dit_space_timesteps(1000, 10)[::-1]
+    assert torch.equal(low, run(dit_like(-1.0))) and not torch.allclose(low, run(dit_like(-1.0), seed=1))
+    assert not torch.allclose(low, run(dit_like(1.0)))  # the variance channels set the noise
+    fixed_large = run(lambda x, t, cond: 0.3 * x)  # no variance channels: log beta_{t|s}, i.e. frac = 1
+    assert torch.allclose(fixed_large, run(dit_like(1.0)), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flow SDE of SiT and REPA
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_sde_step_is_repas_closed_form_on_the_linear_path():
+    """REPA's drift for the linear path, in its time (= ours): d = v - (1/2) g s with g = 2t, score s = (-(1 - t) v -
+    x) / t; x_s = x_t + (s - t) d + sqrt(2 t (t - s)) n."""
+    diffusion = Diffusion("flow", shift=1.0)
+    generator = torch.Generator().manual_seed(2)
+    x, v, n = torch.randn(3, 2, 4, 4, 4, generator=generator, dtype=torch.float64).unbind(0)
+    t, s = 0.6, 0.45
+    score = (-(1 - t) * v - x) / t
+    drift = v - t * score
+    eps_hat = diffusion.noise_from_pred(x, v, torch.full((2,), t, dtype=torch.float64))
+    assert torch.allclose(sde_step(x, v, eps_hat, t, s, None), x + (s - t) * drift, rtol=1e-12)
+    assert torch.allclose(sde_step(x, v, eps_hat, t, s, lambda like: n),
+                          x + (s - t) * drift + math.sqrt(2 * t * (t - s)) * n, rtol=1e-12)
+
+
+def test_sde_sampler_is_repas_euler_maruyama_loop():
+    """REPA's euler_maruyama_sampler written out: t = linspace(1, 0.04, N) then 0; N - 1 noisy steps, then the mean
+    from 0.04 to 0; the noise drawn from one torch generator, step after step."""
+    diffusion = Diffusion("flow", shift=1.0)
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cond = torch.tensor([0, 2])
+    model = lambda x, t: label_model(x, t, cond)
+    times = torch.linspace(1, 0.04, 6, dtype=torch.float64).tolist() + [0.0]
+    assert sampling_times(diffusion, 6, "sde") == times
+    generator, x = torch.Generator().manual_seed(4), noise
+    for t, s in zip(times[:-1], times[1:]):
+        v = model(x, torch.full((2,), t, dtype=torch.float64))
+        drift = v - t * (-(1 - t) * v - x) / t
+        x = x + (s - t) * drift
+        if s > 0:
+            x = x + math.sqrt(2 * t * (t - s)) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    ours = sample(label_model, diffusion, noise, steps=6, sampler="sde", cond=cond,
+                  generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(ours, x, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guidance on some channels, inside an interval
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_cfg_channels_guides_the_first_channels_and_takes_the_rest_from_the_conditional_half():
+    diffusion = Diffusion("eps")
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    cond, null = torch.tensor([0, 2]), torch.tensor([3, 3])
+
+    def with_variance(x, t, c):  # a prediction and 4 variance channels that also depend on the label
+        pred = label_model(x, t, c)
+        return torch.cat([pred, pred.flip(1)], dim=1)
+
+    def mixed(x, t, _):  # what 3-channel guidance at w = 2 must compute, as one unguided network
+        pred_cond, pred_null = with_variance(x, t, cond), with_variance(x, t, null)
+        out = pred_cond.clone()
+        out[:, :3] = pred_null[:, :3] + 2.0 * (pred_cond[:, :3] - pred_null[:, :3])
+        return out
+
+    guided = sample(with_variance, diffusion, noise, steps=5, sampler="ddpm", cfg_scale=2.0, cond=cond,
+                    null_cond=null, cfg_channels=3, generator=torch.Generator().manual_seed(0))
+    expected = sample(mixed, diffusion, noise, steps=5, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(guided, expected, atol=1e-5)
+    everything = dict(cfg_scale=2.0, cond=cond, null_cond=null, steps=5)  # default: all 4 channels, as before
+    assert torch.equal(sample(label_model, diffusion, noise, **everything),
+                       sample(label_model, diffusion, noise, **everything, cfg_channels=4))
+
+
+def test_guidance_interval_runs_2b_rows_inside_and_b_outside():
+    diffusion = Diffusion("flow", shift=1.0)
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    cond, null = torch.tensor([0, 2]), torch.tensor([3, 3])
+    calls = []
+    sample(recording(label_model, calls), diffusion, noise, steps=10, sampler="sde", cfg_scale=1.8, cond=cond,
+           null_cond=null, guidance_interval=(0.0, 0.7), generator=torch.Generator().manual_seed(0))
+    times = sampling_times(diffusion, 10, "sde")[:-1]
+    assert [x.shape[0] for x, _, _ in calls] == [4 if t <= 0.7 else 2 for t in times]
+    assert [x.shape[0] for x, _, _ in calls].count(4) == 7  # t = 0.68, 0.57, ..., 0.04 of linspace(1, 0.04, 10)
+    assert all(torch.equal(c, cond) for x, _, c in calls if x.shape[0] == 2)  # outside: the conditional rows only
+    defaults = dict(cfg_scale=1.8, cond=cond, null_cond=null, steps=10)
+    assert torch.equal(sample(label_model, diffusion, noise, **defaults),
+                       sample(label_model, diffusion, noise, **defaults, guidance_interval=(0.0, 1.0)))
+
+
+def test_stochastic_samplers_draw_from_each_samples_own_generator():
+    decode = lambda z: torch.tanh(z[:, :3].repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    labels = np.array([0, 1, 2, 0, 1], dtype=np.int64)
+    for diffusion, sampler in ((Diffusion("flow", shift=1.0), "sde"), (backbone_diffusion("dit"), "ddpm")):
+        def share(indices, batch_size):
+            return sample_share(label_model, diffusion, decode, (4, 4, 4), indices, seed=3, conditions=labels,
+                                null_fn=lambda c: torch.full_like(c, 3), batch_size=batch_size, steps=6,
+                                sampler=sampler, cfg_scale=2.0, cfg_channels=3)[0]
+        everything = share(range(5), batch_size=5)
+        assert np.array_equal(share(range(5), batch_size=2), everything)
+        assert np.array_equal(share(range(1, 5, 2), batch_size=1), everything[1::2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors, in sample() and on the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_sample_rejects_a_sampler_that_does_not_fit_the_model_and_bad_guidance():
+    noise, model_fn = torch.randn(2, 4, 4, 4), lambda x, t, cond: x
+    flow, eps = Diffusion("flow"), Diffusion("eps")
+    bad = [(flow, dict(sampler="ddpm"), "DDPM objectives"), (eps, dict(sampler="sde"), "flow models"),
+           (Diffusion("eps", zero_terminal_snr=True), dict(sampler="ddpm"), "zero terminal SNR"),
+           (eps, dict(cfg_channels=0), "cfg_channels"), (eps, dict(cfg_channels=5), "cfg_channels"),
+           (eps, dict(cfg_channels=True), "cfg_channels"), (eps, dict(guidance_interval=(0.8, 0.2)), "low <= high"),
+           (eps, dict(guidance_interval=(-0.1, 0.5)), "guidance_interval"),
+           (eps, dict(sampler="ddpm", steps=1001), "steps=1001")]
+    for diffusion, arguments, message in bad:
+        with pytest.raises(ValueError, match=message):
+            sample(model_fn, diffusion, noise, **arguments)
+    with pytest.raises(ValueError, match="expected 4 .* or 8"):
+        sample(lambda x, t, cond: torch.cat([x, x[:, :1]], dim=1), eps, noise, steps=2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sampler", "ddpm"], "sampler 'ddpm' is DiT's ancestral sampler for DDPM objectives; this model is flow"),
+    (["--cfg-channels", "5"], "--cfg-channels 5: the model predicts 4 latent channels"),
+    (["--cfg-channels", "0"], "--cfg-channels must be at least 1"),
+    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval LOW HIGH needs 0 <= LOW <= HIGH <= 1"),
+    (["--guidance-interval", "0", "1.5"], "--guidance-interval LOW HIGH needs 0 <= LOW <= HIGH <= 1"),
+    (["--backbone", "dit"], "--backbone dit: give --vae"),
+    (["--backbone", "sit", "--vae", "v.safetensors", "--ema"], "--ema: with --backbone"),
+])
+def test_cli_bad_sampler_settings_are_one_line_before_sampling(cli, capsys, flags, message):
+    ckpt = tiny_checkpoint(cli, objective="flow")
+    out = cli / "x.npz"
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpt), "--num-samples", "1", "--steps", "2", "--out", str(out), *flags])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+    assert not out.exists()
+
+
+def test_cli_sde_on_a_ddpm_checkpoint_is_an_error(cli, capsys):
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(tiny_checkpoint(cli)), "--sampler", "sde", "--out", str(cli / "x.npz")])
+    assert "sampler 'sde' is the flow models' SDE (SiT, REPA); this model is DDPM-eps" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Released DiT / SiT / REPA files through the CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def released_file(folder, family):
+    """A tiny model of a family's layout (2 blocks of DiT-S/2 width, 3 classes, 8 x 8 x 4 latents), random weights,
+    saved as they release theirs (model.backbone_state_dict)."""
+    model = build_model(f"{family}-S/2", depth=2, input_size=8, in_channels=4, num_classes=3)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    path = folder / f"{family}-released.pt"
+    torch.save(backbone_state_dict(model, model.backbone), path)
+    return path, model
+
+
+def test_cli_samples_a_released_dit_with_its_ddpm_and_records_every_setting(cli, capsys):
+    tiny_checkpoint(cli)  # writes cli / "vae.safetensors", a tiny SD-family autoencoder
+    path, _ = released_file(cli, "DiT")
+    npz = run_main("--ckpt", path, "--backbone", "dit", "--vae", cli / "vae.safetensors", "--sampler", "ddpm",
+                   "--steps", 4, "--cfg", 1.5, "--cfg-channels", 3, "--num-samples", 3, "--batch-size", 2,
+                   "--labels", "0,2", "--out", cli / "dit.npz")
+    assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["labels"].tolist() == [0, 2, 0]
+    meta = json.loads(str(npz["meta"]))
+    assert {key: meta[key] for key in ("sampler", "steps", "cfg", "cfg_channels", "guidance_interval", "eta",
+                                       "backbone", "step", "objective")} == dict(
+        sampler="ddpm", steps=4, cfg=1.5, cfg_channels=3, guidance_interval=[0.0, 1.0], eta=0.0, backbone="dit",
+        step=None, objective="eps")
+    assert "latent scaling 0.18215" in capsys.readouterr().out  # SD's, the autoencoder family's own
+
+
+def test_cli_samples_a_released_repa_with_the_sde_and_its_interval(cli):
+    tiny_checkpoint(cli)
+    path, _ = released_file(cli, "REPA")
+    common = ["--ckpt", path, "--backbone", "repa", "--vae", cli / "vae.safetensors", "--sampler", "sde", "--steps",
+              4, "--cfg", 1.8, "--guidance-interval", 0, 0.7, "--num-samples", 2]
+    npz = run_main(*common, "--out", cli / "repa.npz")
+    meta = json.loads(str(npz["meta"]))
+    assert (meta["sampler"], meta["guidance_interval"], meta["cfg_channels"], meta["backbone"]) == \
+        ("sde", [0.0, 0.7], 4, "repa")
+    again = run_main(*common, "--batch-size", 1, "--out", cli / "again.npz")["arr_0"]
+    assert np.abs(again.astype(int) - npz["arr_0"].astype(int)).max() <= 1  # per-sample noise; up to GEMM rounding
+
+
+def test_cli_samples_a_train_py_checkpoint_of_a_dit(cli):
+    tiny_checkpoint(cli)
+    _, model = released_file(cli, "DiT")
+    checkpoint = dict(ema=model.state_dict(), model=model.state_dict(), model_config=model.config,
+                      diffusion=backbone_diffusion("dit").config(), args=dict(vae=str(cli / "vae.safetensors")),
+                      resolution=16, step=1234)
+    torch.save(checkpoint, cli / "post-trained.pt")
+    npz = run_main("--ckpt", cli / "post-trained.pt", "--ema", "--sampler", "ddpm", "--steps", 3, "--num-samples", 2,
+                   "--out", cli / "post.npz")
+    meta = json.loads(str(npz["meta"]))
+    assert (meta["backbone"], meta["sampler"], meta["step"], meta["cfg_channels"]) == ("dit", "ddpm", 1234, 4)
 
 
 # ==================================================================================================================

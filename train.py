@@ -32,18 +32,17 @@ from tqdm import tqdm
 
 import data
 from autoencoder import load_autoencoder
-from fid import upper_octave_log_ratio
 from lpl import DEPTH_WEIGHTS, MASK_SOURCES, NORMS, LatentPerceptualLoss
-from model import MODELS, build_model
+from model import FILE_FORMATS, MODELS, backbone_diffusion, build_from_config, build_model, load_backbone
 from runtime import (UserError, append_jsonl, load_checkpoint, one_line_errors, run_folder, save_checkpoint,
                      setup_distributed, trim_jsonl)
 from sample import mmdit_model_fn, null_condition, preview_images, save_grid
-from schedules import OBJECTIVES, Diffusion
+from schedules import OBJECTIVES, Diffusion, split_variance
+from validation import VAL_LEVELS, evaluate
 
 CFG_DROPOUT = 0.1  # fraction of labels / contexts replaced by the null condition (classifier-free guidance)
 EMA_WARMUP = 10  # a fresh run's EMA decay at step k is min(decay, (1 + k) / (EMA_WARMUP + k)): short runs get one
-VAL_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 12.0)  # sigma/alpha of the validation grid; tau is 4 at 256 px
-RESUME_MUST_MATCH = ("model", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
+RESUME_MUST_MATCH = ("model", "backbone", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
                      "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_depth_weights", "lpl_start",
                      "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift")
 DEMO = dict(model="demo", steps=600, global_batch_size=32, lr=1e-3, lpl_start=400, ckpt_every=300, log_every=20,
@@ -77,7 +76,8 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="eps", help="DDPM-eps, DDPM-v or Flow-OT (Table 1)")
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="DDPM-eps, DDPM-v or Flow-OT (Table 1; default eps, or the backbone's)")
     p.add_argument("--flow-shift", type=float, help="flow: shift s of the training times (default resolution/256)")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, data order, times, noise")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="autocast of the MMDiT (default bf16 on GPU)")
@@ -108,6 +108,9 @@ def build_parser():
     g.add_argument("--sample-every", type=int, help="sample-grid period (default --ckpt-every; 0: none)")
     g.add_argument("--resume", help="checkpoint to continue bit-exactly ('last': OUT/checkpoints/last.pt)")
     g.add_argument("--init-from", help="checkpoint whose weights (model and EMA) start a new run; any resolution")
+    g.add_argument("--backbone", choices=FILE_FORMATS,
+                   help="--init-from is a released DiT / SiT / REPA checkpoint (model.load_backbone): the model and "
+                        "the process it was trained on come from it")
     g.add_argument("--val-data", help="flat-file validation set (demo: the held-out photos)")
     g.add_argument("--eval-every", type=int, help="validation period (default --ckpt-every; demo 600)")
     g.add_argument("--val-samples", type=int, help=f"validation rows used, the first ones ({real} 256, {demo} 64)")
@@ -125,9 +128,25 @@ def check_args(args):
     lpl_flags = [f"--{k.replace('_', '-')}" for k in defaults if k.startswith("lpl_") and getattr(args, k) != defaults[k]]
     if not args.lpl and lpl_flags:
         raise UserError(f"{', '.join(lpl_flags)} given without --lpl: they would do nothing")
+    if args.backbone and not args.init_from:
+        raise UserError(f"--backbone {args.backbone} says what --init-from holds: give --init-from FILE, the released "
+                        "checkpoint")
+    if args.backbone and args.model:
+        raise UserError(f"--model {args.model}: with --backbone the model's size comes from --init-from's file")
     for name, value in (DEMO if demo else REAL).items():
-        if getattr(args, name) is None:
+        leave_model = name == "model" and (args.backbone or args.resume)  # the file's, or the checkpoint's
+        if getattr(args, name) is None and not leave_model:
             setattr(args, name, value)
+    backbone = args.backbone or MODELS.get(args.model or "", {}).get("backbone")  # DiT-XL/2 etc. name one too
+    backbone = "dit" if backbone == "diffusers-dit" else backbone  # a file format of DiT's weights
+    if backbone:
+        objective = backbone_diffusion(backbone).objective
+        if args.objective not in (None, objective) or args.flow_shift is not None:
+            raise UserError(f"--objective / --flow-shift: a {backbone} model is trained as it was, {objective} "
+                            "(model.backbone_diffusion)")
+        args.objective = objective
+    elif not args.resume:
+        args.objective = args.objective or "eps"
     if demo:
         args.out = args.out or "runs/demo"
         args.vae = args.vae or str(data.DEMO_VAE)
@@ -147,6 +166,13 @@ def check_args(args):
         raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts a "
                         "new one)")
     return args
+
+
+def started_as(args, checkpoint):
+    """On resume: the model, backbone, objective and --init-from the run was started with, unless given again."""
+    for name in ("model", "backbone", "objective", "init_from"):
+        if getattr(args, name) is None:
+            setattr(args, name, checkpoint["args"].get(name, "eps" if name == "objective" else None))
 
 
 def check_resume_args(checkpoint, args, path):
@@ -195,61 +221,6 @@ def weights_checksum(tensors):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation: fixed noise levels, fixed noise, in latent and in decoded space
-# ----------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, diffusion, val, ae=None, lpl=None, levels=VAL_LEVELS, count=64, draws=1, batch_size=32,
-             seed=0, device="cpu", autocast_dtype=None, keep_rows=False):
-    """For each sigma/alpha in `levels` and the first `count` rows of `val` (no flips, null condition), with noise
-    from its own generator (seed, draw): the diffusion loss, the latent MSE of z0_hat and, with an autoencoder,
-    decoded z0_hat against decoded z0: PSNR (dB, peak-to-peak 2), and the upper octave of the radial power spectrum
-    as log10 P(x0_hat) / P(x0) (fid.upper_octave_log_ratio), its mean ("hf_log_ratio": < 0 is missing detail) and
-    its mean absolute value ("hf_error"); with LPL, its value at the levels its gate admits (None at the others). Each
-    figure is a mean over rows of the per-row mean over draws; "<name>_se" is its standard error over rows;
-    keep_rows: also the per-row means, record["rows_of"][name][level] (for paired comparisons)."""
-    model_fn, rows, device = mmdit_model_fn(model), list(range(min(count, val.count))), torch.device(device)
-    z0_all, cond_all = val.get(rows)
-    if cond_all is not None:
-        cond_all = null_condition(model, cond_all)
-    per_row = {}  # name -> (levels, rows) sums over draws
-    for draw in range(draws):
-        noise_all = torch.randn(z0_all.shape, generator=torch.Generator().manual_seed(seed * 1000 + draw))
-        for start in range(0, len(rows), batch_size):
-            z0, noise = (x[start: start + batch_size].to(device) for x in (z0_all, noise_all))
-            cond = None if cond_all is None else cond_all[start: start + batch_size].to(device)
-            x0 = ae.decode(z0.to(ae.dtype)).float() if ae is not None else None
-            for i, level in enumerate(levels):
-                t = diffusion.t_from_sigma_ratio(torch.full((len(z0),), level)).float().to(device)
-                zt = diffusion.add_noise(z0, noise, t)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    pred = model_fn(zt, t, cond).float()
-                z0_hat = diffusion.x0_from_pred(zt, pred, t)
-                figures = dict(diffusion=(pred - diffusion.target(z0, noise, t)).square().mean((1, 2, 3)),
-                               latent_mse=(z0_hat - z0).square().mean((1, 2, 3)))
-                if ae is not None:
-                    x0_hat = ae.decode(z0_hat.to(ae.dtype)).float()
-                    figures["psnr"] = 10 * torch.log10(4 / (x0_hat.clamp(-1, 1) - x0).square().mean((1, 2, 3)))
-                    log_ratio = upper_octave_log_ratio(x0_hat.clamp(-1, 1), x0.clamp(-1, 1))
-                    figures.update(hf_log_ratio=log_ratio.mean(1), hf_error=log_ratio.abs().mean(1))
-                if lpl is not None and level <= lpl.tau(val.resolution):  # per row, where the gate lets LPL act
-                    figures["lpl"] = lpl.per_sample(z0_hat, z0)[0]
-                for name, value in figures.items():
-                    total = per_row.setdefault(name, torch.zeros(len(levels), len(rows), dtype=torch.float64))
-                    total[i, start: start + len(z0)] += value.double().cpu()
-    record = dict(sigma_ratio=list(levels), rows=len(rows), draws=draws)
-    for name, total in per_row.items():
-        mean = total / draws  # (levels, rows)
-        se = mean.std(1) / math.sqrt(len(rows)) if len(rows) > 1 else torch.zeros(len(levels))
-        acts = [name != "lpl" or level <= lpl.tau(val.resolution) for level in levels]  # None where LPL does not
-        record[name] = [m if a else None for m, a in zip(mean.mean(1).tolist(), acts)]
-        record[f"{name}_se"] = [s if a else None for s, a in zip(se.tolist(), acts)]
-    if keep_rows:
-        record["rows_of"] = {name: (total / draws).tolist() for name, total in per_row.items()}
-    return record
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -259,6 +230,8 @@ class Trainer:
 
     def __init__(self, args, rank, world, device, resume=None):
         self.args, self.rank, self.world, self.device = args, rank, world, device
+        if resume is not None:
+            started_as(args, resume)
         self.log = print if rank == 0 else (lambda *a, **k: None)
         self.out, self.autocast_dtype = Path(args.out), torch.bfloat16 if args.precision == "bf16" else None
         self.data = data.LatentDataset(args.data)
@@ -270,9 +243,8 @@ class Trainer:
         self.sampler = data.EpochSampler(len(self.data), self.micro_batch, rank, world, args.seed)
         self.ae = self.load_vae()
         self.lpl = self.build_lpl()
-        self.model = self.build_model()
-        shift = args.flow_shift if args.flow_shift is not None else self.data.resolution / 256
-        self.diffusion = Diffusion(args.objective, shift=shift) if args.objective == "flow" else Diffusion(args.objective)
+        self.model = self.build_model(resume)
+        self.diffusion = self.build_diffusion()
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, device)
         # Per rank: times, label dropout and LPL sub-batches on a CPU generator (the LPL gate needs no host-device
@@ -283,7 +255,7 @@ class Trainer:
         if resume is not None:
             self.load_state_dict(resume)
             self.log(f"resumed from {args.resume} at step {self.step}")
-        elif args.init_from:
+        elif args.init_from and not args.backbone:
             self.load_weights(load_checkpoint(args.init_from, "--init-from"), "--init-from")
             self.log(f"initialised from {args.init_from}: model and EMA weights (positional embedding for this grid)")
         self.train_model = torch.compile(self.model) if args.compile else self.model
@@ -330,7 +302,35 @@ class Trainer:
                  f"{self.data.resolution}px, norm {args.lpl_norm}, mask from {args.lpl_mask}, from step {args.lpl_start}")
         return lpl
 
-    def build_model(self):
+    def build_model(self, resume):
+        """The network: a released DiT / SiT / REPA file (--backbone), the layout of a resumed checkpoint, or the
+        named --model with initial weights from --seed."""
+        args, (channels, height, width) = self.args, self.data.latent_shape
+        if args.backbone and resume is None:
+            model, _ = load_backbone(args.init_from, args.backbone, log=self.log)
+        elif resume is not None and "backbone" in resume["model_config"]:
+            model = build_from_config(resume["model_config"])
+        else:
+            model = self.named_model()
+        fits = (model.in_channels, model.input_size, model.num_classes) == (channels, height, self.data.num_classes)
+        if not fits:
+            raise UserError(f"the model takes {model.in_channels}x{model.input_size}x{model.input_size} latents of "
+                            f"{model.num_classes} classes; --data {args.data} has {channels}x{height}x{width} "
+                            f"latents of {self.data.num_classes} classes")
+        model.gradient_checkpointing = args.checkpointing
+        return model.to(self.device)
+
+    def build_diffusion(self):
+        """The process: a DiT / SiT / REPA model's own (model.backbone_diffusion), else --objective's, Flow-OT with
+        the resolution shift (--flow-shift, default resolution / 256)."""
+        args = self.args
+        if getattr(self.model, "backbone", None):
+            return backbone_diffusion(self.model.backbone)
+        if args.objective == "flow":
+            return Diffusion("flow", shift=args.flow_shift if args.flow_shift is not None else self.data.resolution / 256)
+        return Diffusion(args.objective)
+
+    def named_model(self):
         args, (channels, height, width) = self.args, self.data.latent_shape
         overrides = dict(input_size=height, in_channels=channels, gradient_checkpointing=args.checkpointing)
         if self.data.conditioning == "labels":
@@ -343,10 +343,13 @@ class Trainer:
                             f"latents whose side is a multiple of its patch size {patch}")
         with torch.random.fork_rng(devices=[]):  # initial weights from --seed alone; the global RNG is left as it was
             torch.manual_seed(args.seed)
-            model = build_model(args.model, **overrides)  # built on the CPU: the same weights on every device
+            try:
+                model = build_model(args.model, **overrides)  # built on the CPU: the same weights on every device
+            except ValueError as error:
+                raise UserError(f"--model {args.model}: {error}") from None
         self.log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, latents "
                  f"{channels}x{height}x{width}, conditioning: {self.data.conditioning}")
-        return model.to(self.device)
+        return model
 
     # -- state: weights, optimiser, step, RNG streams, data position ----------------------------------------------
 
@@ -359,6 +362,9 @@ class Trainer:
 
     def load_state_dict(self, checkpoint):
         self.load_weights(checkpoint, "--resume")
+        if getattr(self.model, "backbone", None):
+            self.model.unused = dict(checkpoint.get("backbone_unused") or {})
+            self.model.source_keys = checkpoint.get("backbone_keys")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if len(checkpoint["rng"]) != self.world:
             raise UserError(f"--resume was written by {len(checkpoint['rng'])} ranks, this run has {self.world}: a "
@@ -396,6 +402,8 @@ class Trainer:
                          model_config=self.model.config, diffusion=self.diffusion.config(),
                          class_names=self.data.class_names, resolution=self.data.resolution,
                          latent_scaling=self.data.latent_scaling)
+            if getattr(self.model, "backbone", None):  # what `python model.py export` gives back (REPA's projectors)
+                state.update(backbone_unused=self.model.unused, backbone_keys=self.model.source_keys)
             self.log(f"saved {save_checkpoint(state, self.out / 'checkpoints', self.step)}")
         if self.world > 1:
             dist.barrier()
@@ -410,7 +418,8 @@ class Trainer:
         """grad_accum micro-batches: latents, condition (10% replaced by the null condition), t (CPU), noise."""
         batches = []
         for _ in range(self.args.grad_accum):
-            latents, condition = self.data.get(self.sampler.next_indices())
+            indices = self.sampler.next_indices()
+            latents, condition = self.data.get(indices)
             drop = torch.rand(len(latents), generator=self.cpu_generator) < CFG_DROPOUT
             if condition is not None:
                 null = null_condition(self.model, condition)
@@ -418,6 +427,9 @@ class Trainer:
                 condition = condition.to(self.device, non_blocking=True)
             t = self.diffusion.sample_t(len(latents), generator=self.cpu_generator)
             z0 = latents.to(self.device, non_blocking=True)
+            if self.data.posterior_std:  # z0 ~ N(mean, std^2), a fresh sample of the posterior each time (DiT)
+                std = self.data.get_std(indices).to(self.device, non_blocking=True)
+                z0 = z0 + std * torch.randn(z0.shape, generator=self.noise_generator, device=self.device)
             noise = torch.randn(z0.shape, generator=self.noise_generator, device=self.device)
             batches.append(dict(z0=z0, condition=condition, t=t, noise=noise))
         return batches
@@ -430,9 +442,13 @@ class Trainer:
         t_device = t.to(self.device, non_blocking=True)
         zt = self.diffusion.add_noise(z0, noise, t_device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            prediction = self.model_fn(zt, t_device, condition).float()
+            prediction, variance = split_variance(self.model_fn(zt, t_device, condition).float(), z0.shape[1])
             loss_diffusion = F.mse_loss(prediction, self.diffusion.target(z0, noise, t_device))
             stats = dict(diffusion=loss_diffusion.detach())
+            if variance is not None:  # DiT's learned variance: Improved DDPM's hybrid loss, the mean's gradient stopped
+                loss_vb = self.diffusion.variational_bound(z0, zt, t, prediction.detach(), variance).mean()
+                loss_diffusion = loss_diffusion + loss_vb
+                stats.update(diffusion=loss_diffusion.detach(), vb=loss_vb.detach())
             if not self.lpl_active():
                 return loss_diffusion, stats
             z0_hat = self.diffusion.x0_from_pred(zt, prediction, t_device)  # Table 1
@@ -568,6 +584,7 @@ def run(args):
     if args.resume:
         path = Path(args.out) / "checkpoints" / "last.pt" if args.resume == "last" else Path(args.resume)
         resume = load_checkpoint(path, "--resume", mmap=True)
+        started_as(args, resume)
         check_resume_args(resume, args, path)
     elif (Path(args.out) / "checkpoints" / "last.pt").exists():
         raise UserError(f"{args.out}/checkpoints/last.pt exists: continue that run with --resume last, or start a "
