@@ -1,6 +1,6 @@
-"""The flat-file dataset: its specification, its writer (`python data.py encode`), its reader that train.py draws
-batches from, and the bundled demo data. Files, checkpoints and images on disk are runtime.py's; the autoencoder
-that encodes is autoencoder.py's.
+"""The flat-file dataset: its specification, its reader, the batches of train.py's steps (prepared ahead, their random
+numbers keyed by position), `check`, and the bundled demo data. Its writer (`python data.py encode`) is encode.py;
+files, checkpoints and images on disk are runtime.py's; the autoencoder that encodes is autoencoder.py's.
 
 A dataset is a folder (a shard), or a folder whose sub-folders are shards. A shard holds:
 
@@ -24,16 +24,15 @@ the latent shape, the conditioning, flips and class names.
 Rows are addressed in one index space: 0..N-1 are the rows of the shards in sorted order; with flipped copies
 N..2N-1 are the same rows flipped. EpochSampler walks a fresh permutation of that space every epoch, drawn from
 seed + epoch, and gives rank r of W every W-th index of each global batch: its (epoch, batch) is all that an
-exact resume needs.
+exact resume needs. `get(indices, dtype=None)` leaves the rows float16 for a cast on the device, and a Prefetcher
+reads the next batches on a background thread, in order.
 
     python data.py encode --vae sdxl_vae.safetensors --vae-family sdxl --images imagenet/train \\
         --out data/in256 --resolution 256 --flip
     torchrun --nproc_per_node=8 data.py encode ...   # one node: each rank encodes a contiguous share, rank 0 merges
+    python data.py check data/in256                   # every row scanned; bad rows by dataset index; exit status 1
     python data.py roundtrip --vae assets/taef2_encoder.pth --image assets/photos/kodim01.png --out /tmp/rt.png \\
         --resolution 256                              # one image through the autoencoder: prints the PSNR
-
-Images come from a folder of images (unconditional) or of class sub-folders (labels: the index of the sorted
-folder name), ADM center-cropped (guided-diffusion's resize-then-crop) to --resolution.
 
 The demo data (`python train.py` with no --data) is this same pipeline run on the bundled assets/: random crops
 of the photos in assets/photos/, written as PNG files and encoded with the real pretrained taef2 autoencoder in
@@ -43,234 +42,23 @@ assets/; the last DEMO_VALIDATION_PHOTOS photos are held out as a validation set
 import argparse
 import hashlib
 import json
+import math
 import os
-import shutil
-from datetime import timedelta
+import queue
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
-from tqdm import tqdm
 
 from autoencoder import FAMILIES, load_autoencoder
-from runtime import (IMAGE_SUFFIXES, UserError, atomic_output, center_crop_arr, one_line_errors, rgb_image,
-                     to_model_images, write_json, write_npy)
-# data.py also hands on these names of runtime.py, for the scripts that import them from here.
+from encode import encode_folder, run_encode
+from runtime import UserError, atomic_output, center_crop_arr, one_line_errors, rgb_image, to_model_images, write_json
+# data.py also hands on these names of encode.py and runtime.py, for the scripts that import them from here.
+from encode import list_images  # noqa: F401
 from runtime import load_checkpoint, load_safetensors, read_checkpoint, save_safetensors  # noqa: F401
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image folders
-# ----------------------------------------------------------------------------------------------------------------
-
-def list_images(folder, flag="--images"):
-    """Images directly in `folder` (no labels), or in class sub-folders (labels: index of the sorted folder name).
-    Returns (files, labels or None, class names or None, number of non-image files ignored)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{flag} {folder}: no such folder")
-    entries = sorted(e for e in folder.iterdir() if not e.name.startswith((".", "_")))
-    subfolders = [e for e in entries if e.is_dir()]
-    top_files = [e for e in entries if e.is_file()]
-    if subfolders and any(f.suffix.lower() in IMAGE_SUFFIXES for f in top_files):
-        raise UserError(f"{flag} {folder}: holds both images and sub-folders; expected either class sub-folders "
-             "(labels from their sorted names) or images directly in it (no labels)")
-    if not subfolders:
-        files = [f for f in top_files if f.suffix.lower() in IMAGE_SUFFIXES]
-        labels, class_names, others = None, None, len(top_files) - len(files)
-    else:
-        files, labels, others = [], [], 0
-        class_names = [d.name for d in subfolders]
-        for label, class_folder in enumerate(subfolders):
-            found = sorted(p for p in class_folder.rglob("*") if p.is_file())
-            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-            files += images
-            labels += [label] * len(images)
-            others += len(found) - len(images)
-    if not files:
-        raise UserError(f"{flag} {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files, labels, class_names, others
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(index, (3, R, R) uint8 tensor or None, error or None): an unreadable image is reported, not raised."""
-
-    def __init__(self, files, resolution):
-        self.files, self.resolution = files, resolution
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        try:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on broken files: each is that image's
-            with Image.open(self.files[index]) as image:
-                array = center_crop_arr(rgb_image(image), self.resolution)
-            return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
-        except Exception as error:
-            return index, None, f"{type(error).__name__}: {error}"
-
-
-def keep_as_list(batch):
-    return batch
-
-# ----------------------------------------------------------------------------------------------------------------
-# The writer: an image folder -> latents.npy (+ latents_flip.npy, labels.npy) + meta.json
-# ----------------------------------------------------------------------------------------------------------------
-
-def array_names(args):
-    """The arrays an encode writes, in the order one encoder call produces them (see encode_share)."""
-    names = ["latents.npy"] + (["latents_flip.npy"] if args.flip else [])
-    if args.posterior_std:
-        names += [name.replace(".npy", "_std.npy") for name in names]
-    return names
-
-
-def encode_share(args, ae, files, share, part, device, show_progress):
-    """Encodes files[share] into part/latents.npy (and latents_flip.npy), resuming from part/progress.json when
-    it was written by the same settings. Rows of unreadable images stay zero and are listed as skipped."""
-    shape = (len(share), ae.latent_channels, args.resolution // ae.downsample, args.resolution // ae.downsample)
-    key = hashlib.sha1(json.dumps([ae.describe(), [str(files[i]) for i in share], args.resolution, args.flip,
-                                   args.posterior_std]).encode()).hexdigest()
-    names = array_names(args)
-    progress_path = part / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-    if progress.get("key") == key:
-        arrays = [np.load(part / name, mmap_mode="r+") for name in names]
-        print(f"encode: resuming {part} at {progress['done']}/{len(share)}", flush=True)
-    else:
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        arrays = [np.lib.format.open_memmap(part / name, mode="w+", dtype=np.float16, shape=shape) for name in names]
-        progress = {"key": key, "done": 0, "skipped": []}
-    dataset = torch.utils.data.Subset(ImageFiles([files[i] for i in share], args.resolution),
-                                      range(progress["done"], len(share)))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=keep_as_list)
-    bar = tqdm(total=len(share), initial=progress["done"], unit="img", disable=not show_progress)
-    for batch in loader:
-        for index, _, error in batch:
-            if error is not None:
-                print(f"encode: skipped unreadable {files[share[index]]}: {error}", flush=True)
-                progress["skipped"].append([index, str(files[share[index]]), error])
-        good = [(index, image) for index, image, _ in batch if image is not None]
-        if good:
-            images = to_model_images(torch.stack([image for _, image in good]).to(device))
-            if args.flip:
-                images = torch.cat([images, images.flip(-1)])  # (2B, 3, R, R): flipped copies encoded alongside
-            with torch.no_grad():  # [mean, flipped mean] (+ [std, flipped std]): the order of array_names
-                latents = torch.cat(ae.encode_posterior(images)) if args.posterior_std else ae.encode(images)
-                latents = latents.float().cpu().numpy().astype(np.float16)
-            rows = [index for index, _ in good]
-            for array, chunk in zip(arrays, np.split(latents, len(arrays))):
-                array[rows] = chunk
-        for array in arrays:
-            array.flush()  # progress.json never claims rows that are not on disk
-        progress["done"] = batch[-1][0] + 1
-        write_json(progress_path, progress)
-        bar.update(len(batch))
-    bar.close()
-
-
-def merge_shares(out, parts, names, files, shares, labels):
-    """Rank 0: the valid rows of every share, in file order, into out/latents.npy etc. Returns the kept indices."""
-    progresses = [json.loads((part / "progress.json").read_text()) for part in parts]
-    for part, share, progress in zip(parts, shares, progresses):
-        if progress["done"] != len(share):
-            raise UserError(f"{part} stopped at {progress['done']}/{len(share)}: rerun the same command to resume")
-    masks = []
-    for share, progress in zip(shares, progresses):
-        mask = np.ones(len(share), dtype=bool)
-        mask[[index for index, _, _ in progress["skipped"]]] = False
-        masks.append(mask)
-    kept = [share[i] for share, mask in zip(shares, masks) for i in np.flatnonzero(mask)]
-    if not kept:
-        raise UserError(f"no readable image among the {len(files)} files")
-    for name in names:
-        sources = [np.load(part / name, mmap_mode="r") for part in parts]
-        if len(parts) == 1 and masks[0].all():
-            os.replace(parts[0] / name, out / name)  # one complete share: a rename, no copy
-            continue
-        with atomic_output(out / name) as temporary:
-            merged = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16,
-                                               shape=(len(kept),) + sources[0].shape[1:])
-            row = 0
-            for source, mask in zip(sources, masks):
-                for begin in range(0, len(mask), 4096):  # in chunks: a share can be larger than memory
-                    chunk = source[begin: begin + 4096][mask[begin: begin + 4096]]
-                    merged[row: row + len(chunk)] = chunk
-                    row += len(chunk)
-            merged.flush()
-            del merged
-    if labels is not None:
-        write_npy(out / "labels.npy", np.asarray([labels[i] for i in kept], dtype=np.int64))
-    skipped = [entry[1] for progress in progresses for entry in progress["skipped"]]
-    return kept, skipped
-
-
-def encode_folder(args, rank=0, world_size=1, barrier=lambda: None, ae=None):
-    """Each rank encodes a contiguous share of the sorted files into out/_partial/rank{r}-of-{w}/; after the
-    barrier rank 0 merges them. meta.json is written last and marks a complete dataset: it is removed when a run
-    starts, latents.npy only ever appears complete (rename), and a killed run resumes from its partial files."""
-    out = Path(args.out)
-    files, labels, class_names, others = list_images(args.images)
-    device = torch.device(args.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if ae is None:
-        ae = load_autoencoder(args.vae, device=device, scaling_factor=args.scaling_factor,
-                              shift_factor=args.shift_factor, family=args.vae_family, verbose=rank == 0)
-    if args.resolution % ae.downsample:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of the autoencoder's {ae.downsample}x "
-                        "downsampling")
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "meta.json").unlink(missing_ok=True)
-    shares = [range(r * len(files) // world_size, (r + 1) * len(files) // world_size) for r in range(world_size)]
-    parts = [out / "_partial" / f"rank{r}-of-{world_size}" for r in range(world_size)]
-    encode_share(args, ae, files, shares[rank], parts[rank], device, show_progress=rank == 0)
-    barrier()
-    if rank != 0:
-        return
-    names = array_names(args)
-    kept, skipped = merge_shares(out, parts, names, files, shares, labels)
-    produced = set(names) | ({"labels.npy"} if labels is not None else set())
-    for stale in {"latents_flip.npy", "latents_std.npy", "latents_flip_std.npy", "labels.npy"} - produced:
-        (out / stale).unlink(missing_ok=True)  # left by an earlier run with other flags
-    meta = {
-        "autoencoder": str(Path(ae.files[0]).resolve()),
-        "autoencoder_files": [str(Path(f).resolve()) for f in ae.files],
-        "autoencoder_describe": ae.describe(),
-        "family": ae.family, "scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor,
-        "resolution": args.resolution, "crop": "ADM center crop",
-        "count": len(kept), "latent_shape": [ae.latent_channels, *[args.resolution // ae.downsample] * 2],
-        "dtype": "float16", "latents": "latents.npy",
-        "flip_latents": "latents_flip.npy" if args.flip else None,  # row i: image i flipped left-right
-        "posterior_std": "latents_std.npy" if args.posterior_std else None,
-        "labels": "labels.npy" if labels is not None else None,
-        "class_names": class_names, "num_classes": len(class_names) if class_names else None,
-        "images": str(Path(args.images).resolve()), "skipped": len(skipped),
-    }
-    write_json(out / "meta.json", meta)
-    shutil.rmtree(out / "_partial", ignore_errors=True)
-    print(f"encode: wrote {len(kept)} latents {meta['latent_shape']} to {out} "
-          f"({len(class_names) if class_names else 'no'} classes, {len(skipped)} unreadable images skipped"
-          f"{': ' + ', '.join(skipped[:10]) if skipped else ''}{' ...' if len(skipped) > 10 else ''}; "
-          f"{others} non-image files ignored)", flush=True)
-
-
-def run_encode(args):
-    """Single process, or one process per GPU under torchrun (RANK set): one node, since every rank writes its
-    share into the same --out folder that rank 0 then reads."""
-    if "RANK" not in os.environ:
-        return encode_folder(args)
-    # gloo: only a barrier is needed, and it must wait for the slowest rank's whole share
-    dist.init_process_group("gloo", timeout=timedelta(hours=12))
-    try:
-        encode_folder(args, dist.get_rank(), dist.get_world_size(), barrier=dist.barrier)
-    finally:
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,19 +72,60 @@ def load_npy(path, flag):
         raise UserError(f"{flag}: {path} is not a readable .npy array ({error})")
 
 
+def shard_folders(root, flag):
+    """The shards of a dataset: `root` itself if it holds latents.npy, else its sub-folders that do (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{flag} {root}: no such folder")
+    shards = [root] if (root / "latents.npy").exists() else sorted(p.parent for p in root.glob("*/latents.npy"))
+    if not shards:
+        raise UserError(f"{flag} {root}: no latents.npy in it or in its sub-folders (expected the flat-file dataset "
+                        "written by `python data.py encode`)")
+    return shards
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_meta(path, flag):
+    """A shard's meta.json -> dict, the keys that are read checked: a one-line error names the file and the key."""
+    if not path.exists():
+        raise UserError(f"{flag}: {path} is missing (each shard needs latents.npy and meta.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{flag}: {path} is not JSON ({error})")
+    if not isinstance(meta, dict):
+        raise UserError(f"{flag}: {path} holds a {type(meta).__name__}, expected a JSON object of keys")
+    resolution, names = meta.get("resolution"), meta.get("class_names")
+    if "resolution" in meta and not (is_number(resolution) and resolution == int(resolution) and resolution > 0):
+        raise UserError(f'{flag}: {path}: "resolution" is {json.dumps(resolution)[:40]}, expected the image side in '
+                        "pixels (a positive integer)")
+    for key in ("scaling_factor", "shift_factor", "scaling", "shift"):
+        if meta.get(key) is not None and not is_number(meta[key]):
+            raise UserError(f'{flag}: {path}: "{key}" is {json.dumps(meta[key])[:40]}, expected a number (or null)')
+    if names is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise UserError(f'{flag}: {path}: "class_names" is {json.dumps(names)[:40]}, expected a list of strings '
+                        "(label i is class_names[i])")
+    return meta
+
+
+def as_tensor(array, dtype):
+    """numpy rows -> a CPU tensor in `dtype` (None: as stored). numpy casts to float32 on the calling thread; torch's
+    cast fans out to its intra-op threads, which on 2 loaded cores took 16 ms for 256 x 4x32x32 rows, numpy 7 ms."""
+    if dtype is None:
+        return torch.from_numpy(array)
+    return torch.from_numpy(array.astype(np.float32)) if dtype == torch.float32 else torch.from_numpy(array).to(dtype)
+
+
 class LatentDataset:
     """The shards under `root` (a shard, or a folder of shard sub-folders) as one dataset. With flipped copies the
     index space is doubled: index i >= N is sample i - N, flipped. `flag` names the command-line flag in errors."""
 
     def __init__(self, root, flag="--data"):
-        root, self.flag = Path(root), flag
-        if not root.is_dir():
-            raise UserError(f"{flag} {root}: no such folder")
-        shards = [root] if (root / "latents.npy").exists() else sorted(p.parent for p in root.glob("*/latents.npy"))
-        if not shards:
-            raise UserError(f"{flag} {root}: no latents.npy in it or in its sub-folders (expected the flat-file dataset "
-                 "written by `python data.py encode`)")
-        self.shards = [self.open_shard(s) for s in shards]
+        self.flag, self.root = flag, Path(root)
+        self.shards = [self.open_shard(s) for s in shard_folders(root, flag)]
         first = self.shards[0]
         for shard in self.shards[1:]:
             for key in ("latent_shape", "conditioning", "flips", "posterior_std", "class_names"):
@@ -309,7 +138,16 @@ class LatentDataset:
         self.context_shape = first["context"].shape[1:] if self.conditioning == "context" else None
         self.offsets = np.cumsum([0] + [len(s["latents"]) for s in self.shards])
         self.count = int(self.offsets[-1])
-        self.resolution = int(self.meta.get("resolution", self.latent_shape[-1] * 8))
+        self.resolution = int(self.meta.get("resolution") or self.latent_shape[-1] * 8)
+
+    def identity(self):
+        """What a resume must find again, wherever the dataset now lies: the rows, their shape and conditioning, and
+        each shard by name, size and meta.json."""
+        shards = [dict(name=str(shard["path"].relative_to(self.root)), rows=len(shard["latents"]),
+                       meta=hashlib.sha256(json.dumps(shard["meta"], sort_keys=True).encode()).hexdigest()[:16])
+                  for shard in self.shards]
+        return dict(rows=self.count, flips=self.flips, posterior_std=self.posterior_std,
+                    latent_shape=list(self.latent_shape), conditioning=self.conditioning, shards=shards)
 
     @property
     def latent_scaling(self):
@@ -321,12 +159,7 @@ class LatentDataset:
 
     def open_shard(self, path):
         flag, meta_path = self.flag, path / "meta.json"
-        if not meta_path.exists():
-            raise UserError(f"{flag}: {meta_path} is missing (each shard needs latents.npy and meta.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"{flag}: {meta_path} is not JSON ({error})")
+        meta = read_meta(meta_path, flag)
         latents = load_npy(path / "latents.npy", flag)
         if latents.ndim != 4:
             raise UserError(f"{flag}: {path / 'latents.npy'} has shape {latents.shape}, expected (N, C, h, w)")
@@ -392,29 +225,49 @@ class LatentDataset:
             out[positions] = values
         return out
 
-    def get(self, indices):
-        """Rows of the (doubled) index space -> latents (B, C, h, w) float32 and the condition, as CPU tensors."""
+    def get(self, indices, dtype=torch.float32):
+        """Rows of the (doubled) index space -> latents (B, C, h, w) and the condition (labels int64, or a context), as
+        CPU tensors in `dtype`; dtype=None keeps the stored float16, for a cast on the device (half the bytes)."""
         groups = self.locate(indices)
-        latents = torch.from_numpy(self.gather(groups, len(indices), "latents", "flip_latents").astype(np.float32))
+        latents = as_tensor(self.gather(groups, len(indices), "latents", "flip_latents"), dtype)
         if self.conditioning == "none":
             return latents, None
-        condition = torch.from_numpy(self.gather(groups, len(indices), self.conditioning, self.conditioning))
-        return latents, condition.long() if self.conditioning == "labels" else condition.float()
+        condition = self.gather(groups, len(indices), self.conditioning, self.conditioning)
+        if self.conditioning == "labels":
+            return latents, torch.from_numpy(condition).long()
+        return latents, as_tensor(condition, dtype)
 
-    def get_std(self, indices):
-        """The posterior std of the rows (B, C, h, w) float32 (a dataset encoded with --posterior-std)."""
-        return torch.from_numpy(self.gather(self.locate(indices), len(indices), "std", "flip_std").astype(np.float32))
+    def get_std(self, indices, dtype=torch.float32):
+        """The posterior std of the rows (B, C, h, w) in `dtype` (None: float16 as stored), of a dataset encoded with
+        --posterior-std."""
+        return as_tensor(self.gather(self.locate(indices), len(indices), "std", "flip_std"), dtype)
+
+
+def read_rows(path, size, flag):
+    """Dataset rows from a JSON file: a list, or an object with "rows" (`python data.py check --json`,
+    train.py's OUT/nonfinite-rows.json)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {path}: not a readable JSON file ({error})") from None
+    rows = value.get("rows") if isinstance(value, dict) else value
+    if not isinstance(rows, list) or not all(isinstance(row, int) and 0 <= row < size for row in rows):
+        raise UserError(f"{flag} {path}: expected a list of dataset rows in 0..{size - 1} (or {{\"rows\": [...]}})")
+    return set(rows)
 
 
 class EpochSampler:
-    """Deterministic batches: epoch e is the permutation drawn from seed + e; each rank takes every world-th
-    index of it. The position (epoch, batch in epoch) is all the state a resume needs."""
+    """Deterministic batches: epoch e is the permutation drawn from seed + e, without the `excluded` rows (bad ones,
+    train.py --exclude-rows); each rank takes every world-th index of each global batch. The position (epoch, batch
+    in epoch) is all the state a resume needs."""
 
-    def __init__(self, size, batch_size, rank, world, seed):
+    def __init__(self, size, batch_size, rank, world, seed, excluded=()):
         self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
-        self.batches_per_epoch = size // (batch_size * world)
+        self.excluded = set(excluded)
+        self.batches_per_epoch = (size - len(self.excluded)) // (batch_size * world)
         if self.batches_per_epoch == 0:
-            raise UserError(f"the dataset has {size} samples, fewer than one global micro-batch ({batch_size} x {world} ranks)")
+            raise UserError(f"the dataset has {size - len(self.excluded)} samples, fewer than one global micro-batch "
+                            f"({batch_size} x {world} ranks)")
         self.epoch, self.batch = 0, 0
         self._permutation_epoch, self._permutation = None, None
 
@@ -429,12 +282,354 @@ class EpochSampler:
             self.epoch, self.batch = self.epoch + 1, 0
         if self._permutation_epoch != self.epoch:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._permutation = torch.randperm(self.size, generator=generator)
-            self._permutation_epoch = self.epoch
+            permutation = torch.randperm(self.size, generator=generator)
+            if self.excluded:
+                permutation = permutation[~torch.isin(permutation, torch.tensor(sorted(self.excluded)))]
+            self._permutation, self._permutation_epoch = permutation, self.epoch
         start = self.batch * self.batch_size * self.world
         batch = self._permutation[start: start + self.batch_size * self.world][self.rank:: self.world]
         self.batch += 1
         return batch
+
+
+def pinned(item):
+    """CPU tensors of a (nested dict / list / tuple) item in page-locked memory: their .to(cuda, non_blocking=True) is
+    then a real asynchronous copy."""
+    if isinstance(item, torch.Tensor):
+        return item.pin_memory() if item.device.type == "cpu" else item
+    if isinstance(item, dict):
+        return {key: pinned(value) for key, value in item.items()}
+    if isinstance(item, (list, tuple)):
+        return type(item)(pinned(value) for value in item)
+    return item
+
+
+class Prefetcher:
+    """Calls `produce()` (it returns the next step's batch, e.g. a dict of CPU tensors) on a background thread, up to
+    `depth` items ahead, so that reading rows overlaps the step on the device. One thread and a FIFO queue: items come
+    out in production order. CPU tensors are pinned when CUDA is available (pin_memory=None) or asked for. An
+    exception raised by produce() is raised by the next() that would have returned its item (and by every later one);
+    StopIteration from produce() ends the iteration. close(), or leaving the `with` block, stops and joins the thread
+    (after the produce() call under way, if any).
+
+    produce() runs on the other thread, ahead of the consumer: it must own what it mutates (its sampler, a
+    torch.Generator of its own, never the global RNG that the step also draws from), and state that a checkpoint
+    records (the sampler position) should travel inside the item it belongs to, not be read off the sampler."""
+
+    def __init__(self, produce, depth=2, pin_memory=None):
+        self.produce, self.finished, self.closed = produce, None, False
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.queue, self.stopping = queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=self.run, name="Prefetcher", daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                item = self.produce()
+                item = pinned(item) if self.pin else item
+            except BaseException as error:  # handed to the consumer, StopIteration included
+                self.hand_over((None, error))
+                return
+            if not self.hand_over((item, None)):
+                return
+
+    def hand_over(self, item):
+        """Puts (item, error) into the queue, waking every 50 ms to see whether close() was called. False: closed."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.closed:
+            raise ValueError("next() on a closed Prefetcher")
+        if self.finished is None:
+            item, error = self.queue.get()  # the thread's last hand-over is an error (StopIteration), unless closed
+            if error is None:
+                return item
+            self.finished = error
+        if isinstance(self.finished, StopIteration):
+            raise StopIteration
+        raise self.finished
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join()
+        self.closed = True
+        while not self.queue.empty():  # frees the (pinned) items that were never taken
+            self.queue.get_nowait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batches of one optimiser step: rows, conditions, times and noise, the random numbers keyed by position
+# ----------------------------------------------------------------------------------------------------------------
+
+def keyed_stream(seed, step, micro, kind, position=0):
+    """numpy's generator for one key: independent streams for distinct keys (SeedSequence spawn keys, all of one
+    length), unlike torch's CPU generator, which keeps 32 bits of a seed."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(step, micro, kind, position)))
+
+
+def keyed_draws(seed, step, micro, positions, global_size, shape, posterior_std=False):
+    """The random numbers of micro-batch `micro` of optimiser step `step`, keyed by (seed, step, micro-batch, the
+    sample's position in the global micro-batch) alone: the same global batch draws the same numbers on 1 or 8
+    ranks, and a resume needs no generator state. For every position of the global micro-batch (LPL's gate is taken
+    over all of them): uniforms for the time, the CFG dropout and LPL's sub-batch; for this rank's `positions`: the
+    noise eps and, with a posterior std, the noise of the latent's sample, each row from a stream of its own."""
+    shared = keyed_stream(seed, step, micro, 0).random((3, global_size))
+    noise, latent_noise = [], []
+    for position in positions.tolist():
+        row = keyed_stream(seed, step, micro, 1, position)
+        noise.append(row.standard_normal(shape, dtype=np.float32))
+        if posterior_std:
+            latent_noise.append(row.standard_normal(shape, dtype=np.float32))
+    draws = dict(time=torch.from_numpy(shared[0]), dropout=torch.from_numpy(shared[1]),
+                 lpl=torch.from_numpy(shared[2]), noise=torch.from_numpy(np.stack(noise)))
+    if posterior_std:
+        draws["latent_noise"] = torch.from_numpy(np.stack(latent_noise))
+    return draws
+
+
+class StepBatches:
+    """What one optimiser step of train.py consumes: grad_accum micro-batches of this rank's rows (float16, cast on
+    the device), their conditions (`dropout` of them replaced by the null condition: the extra label row, or an
+    all-zero context), times (diffusion.times_from_uniform), noise and, through `choose(t, keys, positions)`, LPL's
+    sub-batch drawn over the global micro-batch. Every random number is keyed_draws': the same global batch gets the
+    same numbers on any number of ranks. host(step) runs on a Prefetcher's thread; to_device on the training one."""
+
+    def __init__(self, dataset, sampler, diffusion, seed, grad_accum, dropout, choose=None):
+        self.dataset, self.sampler, self.diffusion, self.seed = dataset, sampler, diffusion, seed
+        self.grad_accum, self.dropout, self.choose = grad_accum, dropout, choose
+        self.global_size = sampler.batch_size * sampler.world
+        self.positions = torch.arange(sampler.rank, self.global_size, sampler.world)  # the sampler gives us these
+
+    def null_condition(self, condition):
+        if self.dataset.conditioning == "labels":
+            return torch.full_like(condition, self.dataset.num_classes)
+        return torch.zeros_like(condition)
+
+    def host(self, step):
+        """The micro-batches of optimiser step `step` (0-based), on the CPU, the sampler's position after them, and
+        the seconds it took (what the training thread would wait without a Prefetcher)."""
+        batches, dataset, started = [], self.dataset, time.perf_counter()
+        for micro in range(self.grad_accum):
+            rows = self.sampler.next_indices()
+            latents, condition = dataset.get(rows, dtype=torch.float16)
+            draws = keyed_draws(self.seed, step, micro, self.positions, self.global_size, latents.shape[1:],
+                                dataset.posterior_std)
+            t_all = self.diffusion.times_from_uniform(draws["time"]).float()
+            if condition is not None:
+                drop = draws["dropout"][self.positions] < self.dropout
+                condition = torch.where(drop.view(-1, *[1] * (condition.dim() - 1)), self.null_condition(condition),
+                                        condition)
+            batch = dict(rows=rows, z0=latents, condition=condition, t=t_all[self.positions], noise=draws["noise"])
+            if dataset.posterior_std:  # z0 ~ N(mean, std^2): a fresh sample of the posterior each step (DiT)
+                batch.update(std=dataset.get_std(rows, dtype=torch.float16), latent_noise=draws["latent_noise"])
+            if self.choose is not None:
+                batch["chosen"] = self.choose(t_all, draws["lpl"], self.positions)
+            batches.append(batch)
+        return dict(step=step, batches=batches, data=self.sampler.state_dict(), seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def to_device(host, device):
+        """Host micro-batches -> device tensors (non_blocking: from pinned memory the copies overlap the step)."""
+        batches = []
+        for batch in host["batches"]:
+            z0 = batch["z0"].to(device, non_blocking=True).float()
+            if "std" in batch:
+                std = batch["std"].to(device, non_blocking=True).float()
+                z0 = z0 + std * batch["latent_noise"].to(device, non_blocking=True)
+            condition = batch["condition"]
+            if condition is not None:  # labels stay integers; a float16 context is cast on the device
+                condition = condition.to(device, non_blocking=True)
+                condition = condition.float() if condition.is_floating_point() else condition
+            batches.append(dict(rows=batch["rows"], z0=z0, condition=condition, t=batch["t"],
+                                noise=batch["noise"].to(device, non_blocking=True), chosen=batch.get("chosen")))
+        return batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# check: every row of a dataset scanned, chunk by chunk, bad ones reported by their index
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECK_CHUNK_BYTES = 64 << 20  # rows read per step of the scan: memory stays bounded whatever the shard's size
+SHARD_ARRAYS = {"flip": "latents_flip.npy", "std": "latents_std.npy", "flip_std": "latents_flip_std.npy",
+                "labels": "labels.npy", "context": "context.npy"}
+
+
+def file_chunks(array, chunk_bytes):
+    """(first row, rows) of a memory-mapped C-order .npy array, read from its file with plain reads of about
+    chunk_bytes: a scan through the memory map would keep every page it touched mapped."""
+    row_items = math.prod(array.shape[1:])
+    step = max(1, chunk_bytes // max(1, row_items * array.dtype.itemsize))
+    with open(array.filename, "rb") as file:
+        for begin in range(0, len(array), step):
+            count = min(step, len(array) - begin)
+            file.seek(array.offset + begin * row_items * array.dtype.itemsize)
+            values = np.fromfile(file, dtype=array.dtype, count=count * row_items)
+            yield begin, values.reshape(count, *array.shape[1:])
+
+
+def bad_rows(array, test, chunk_bytes):
+    """Rows of `array` (a shard's file) for which test(chunk as (rows, items)) is True, as an int64 array."""
+    found = [begin + np.flatnonzero(test(chunk.reshape(len(chunk), -1))) for begin, chunk in
+             file_chunks(array, chunk_bytes)]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+def open_for_check(path, problems, dtype, shape=None):
+    """One array of a shard, memory-mapped, or None with the reason appended to `problems`."""
+    if not path.exists():
+        return None
+    try:
+        array = load_npy(path, "check")
+    except UserError as error:
+        problems.append(str(error).removeprefix("check: "))
+        return None
+    if array.dtype != dtype or (shape is not None and array.shape != shape):
+        problems.append(f"{path} is {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
+                        f"{shape if shape is not None else ''}".rstrip())
+        return None
+    if array.ndim > 1 and not array.flags.c_contiguous:
+        problems.append(f"{path} is stored in Fortran order, expected C order (np.save of a C-contiguous array)")
+        return None
+    return array
+
+
+def inspect_shard(path, problems):
+    """A shard's arrays (None where absent or unusable) and meta.json, file-level problems appended to `problems`."""
+    try:
+        meta = read_meta(path / "meta.json", "check")
+    except UserError as error:
+        meta = None
+        problems.append(str(error).removeprefix("check: "))
+    latents = open_for_check(path / "latents.npy", problems, np.float16)
+    if latents is not None and latents.ndim != 4:
+        problems.append(f"{path / 'latents.npy'} has shape {latents.shape}, expected (N, C, h, w)")
+        latents = None
+    shard = dict(path=path, meta=meta, latents=latents, rows=0 if latents is None else len(latents))
+    if latents is None:
+        return shard
+    for key in ("flip", "std", "flip_std"):
+        shard[key] = open_for_check(path / SHARD_ARRAYS[key], problems, np.float16, latents.shape)
+    shard["labels"] = open_for_check(path / "labels.npy", problems, np.int64, (len(latents),))
+    shard["context"] = open_for_check(path / "context.npy", problems, np.float16)
+    if shard["context"] is not None and (shard["context"].ndim != 3 or len(shard["context"]) != len(latents)):
+        problems.append(f"{path / 'context.npy'} has shape {shard['context'].shape}, expected ({len(latents)}, L, D)")
+        shard["context"] = None
+    meta = meta or {}
+    for key, value in (("count", len(latents)), ("latent_shape", list(latents.shape[1:]))):
+        if key in meta and meta[key] != value:
+            problems.append(f'{path / "meta.json"}: "{key}" is {meta[key]}, {path / "latents.npy"} holds {value}')
+    for key, name in (("flip_latents", "latents_flip.npy"), ("posterior_std", "latents_std.npy"),
+                      ("labels", "labels.npy")):
+        if key in meta and bool(meta[key]) != (path / name).exists():
+            problems.append(f'{path / "meta.json"}: "{key}" is {json.dumps(meta[key])} but {name} '
+                            f"{'exists' if (path / name).exists() else 'is missing'}")
+    if (path / "labels.npy").exists() and not meta.get("class_names"):
+        problems.append(f"{path / 'meta.json'} has no class_names for the labels in {path / 'labels.npy'}")
+    return shard
+
+
+def row_scans(class_count):
+    """(what is wrong, array, test of (rows, items), which copies of a row it spoils) of check_dataset's scan."""
+    def not_finite(rows):
+        return ~np.isfinite(rows).all(axis=1)
+
+    def not_a_std(rows):
+        return ~(np.isfinite(rows) & (rows >= 0)).all(axis=1)
+
+    def outside(rows):
+        return ((rows < 0) | (rows >= class_count))[:, 0]
+
+    return [("latents.npy: not finite", "latents", not_finite, "plain"),
+            ("latents_flip.npy: not finite", "flip", not_finite, "flipped"),
+            ("latents_std.npy: not finite, or negative", "std", not_a_std, "plain"),
+            ("latents_flip_std.npy: not finite, or negative", "flip_std", not_a_std, "flipped"),
+            (f"labels.npy: outside 0..{class_count - 1}", "labels", outside, "both"),
+            ("context.npy: not finite", "context", not_finite, "both")]
+
+
+def shards_disagree(shards, problems):
+    """LatentDataset needs every shard to hold the same arrays, latent shape and class names."""
+    for key, name in SHARD_ARRAYS.items():
+        holders = [str(shard["path"]) for shard in shards if shard[key] is not None]
+        if 0 < len(holders) < len(shards):
+            problems.append(f"only {len(holders)} of {len(shards)} shards hold {name} ({', '.join(holders[:3])})")
+    for shard in shards:
+        if shard["flip"] is not None and (shard["std"] is None) != (shard["flip_std"] is None):
+            problems.append(f"{shard['path']} holds one of latents_std.npy and latents_flip_std.npy, not both")
+        for what, value in (("latent shape", lambda s: s["latents"].shape[1:]),
+                            ("class_names", lambda s: (s["meta"] or {}).get("class_names"))):
+            if value(shard) != value(shards[0]):
+                problems.append(f"shard {shard['path']} has {what} {value(shard)}, {shards[0]['path']} "
+                                f"{value(shards[0])}")
+
+
+def check_dataset(root, chunk_bytes=CHECK_CHUNK_BYTES):
+    """Scans every row of a dataset in chunks of about chunk_bytes, changing nothing: latents, flipped latents and
+    contexts that are not finite, posterior stds that are not finite or negative, labels outside 0..len(class_names)-1;
+    and the files (shapes, dtypes, meta.json, counts vs meta.json, shards that disagree). Bad rows are indices of
+    LatentDataset's space: row r of shard s is offsets[s] + r, its flipped copy N + offsets[s] + r (a bad label or
+    context spoils both). Returns {"root", "count", "size", "flips", "shards": [{"path", "rows", "first_index"}],
+    "problems": [line], "bad_rows": {what: [index]}, "rows": [every bad index], "clean": bool}: as a JSON file, what
+    train.py --exclude-rows reads."""
+    problems = []
+    shards = [inspect_shard(path, problems) for path in shard_folders(root, "check")]
+    offsets = np.cumsum([0] + [shard["rows"] for shard in shards])
+    count = int(offsets[-1])
+    usable = [shard for shard in shards if shard["latents"] is not None]
+    shards_disagree(usable, problems)
+    flips = bool(usable) and all(shard["flip"] is not None for shard in usable)
+    found = {}
+    for shard, offset in zip(shards, offsets[:-1]):
+        class_count = len((shard["meta"] or {}).get("class_names") or [])
+        for what, key, test, copies in row_scans(class_count) if shard["latents"] is not None else []:
+            if shard.get(key) is None or (key == "labels" and not class_count) or (copies == "flipped" and not flips):
+                continue
+            found_rows = offset + bad_rows(shard[key], test, chunk_bytes)
+            spoiled = dict(plain=[found_rows], flipped=[count + found_rows],
+                           both=[found_rows] + ([count + found_rows] if flips else []))
+            found.setdefault(what, []).extend(spoiled[copies])
+    bad = {what: np.unique(np.concatenate(parts)).tolist() for what, parts in found.items()}
+    bad = {what: indices for what, indices in bad.items() if indices}
+    rows = sorted(set().union(*bad.values()))
+    return dict(root=str(root), count=count, size=count * (2 if flips else 1), flips=flips,
+                shards=[dict(path=str(s["path"]), rows=s["rows"], first_index=int(o)) for s, o in zip(shards, offsets)],
+                problems=problems, bad_rows=bad, rows=rows, clean=not problems and not rows)
+
+
+def run_check(args):
+    """Prints check_dataset's report (and writes it whole with --json); exit status 1 unless the dataset is clean."""
+    report = check_dataset(args.data)
+    flipped = f" ({report['size']} with flipped copies)" if report["flips"] else ""
+    print(f"check: {args.data}: {len(report['shards'])} shards, {report['count']} rows{flipped}")
+    for problem in report["problems"]:
+        print(f"check: problem: {problem}")
+    for what, indices in report["bad_rows"].items():
+        shown = ", ".join(map(str, indices[:20])) + (" ..." if len(indices) > 20 else "")
+        print(f"check: {what}: {len(indices)} rows, at dataset indices {shown}")
+    if args.json:
+        write_json(args.json, report)
+    summary = f"{len(report['rows'])} bad rows, {len(report['problems'])} problems"
+    print(f"check: {'clean' if report['clean'] else 'NOT clean'}: {summary}"
+          f"{f'; the full report is in {args.json}' if args.json else ''}", flush=True)
+    if not report["clean"]:
+        raise SystemExit(1)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,13 +742,25 @@ def build_parser():
                                  help="image folder -> latents.npy (+ latents_flip.npy, labels.npy) and meta.json")
     encode.add_argument("--images", type=Path, required=True,
                         help="a folder of images (unconditional), or of class sub-folders of images (labels.npy)")
-    encode.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    encode.add_argument("--out", type=Path, required=True,
+                        help="dataset folder to write: replaced whole once complete, built in OUT.partial beside it")
     encode.add_argument("--resolution", type=int, default=256, help="ADM center crop to this square size")
     encode.add_argument("--flip", action="store_true", help="also write latents_flip.npy (left-right flipped images)")
     encode.add_argument("--posterior-std", action="store_true",
                         help="also write latents_std.npy: training then samples the posterior, as DiT did")
     encode.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     encode.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    check = commands.add_parser("check", formatter_class=formatter,
+                                help="scan a dataset for bad rows; exit status 1 if any",
+                                description="Scans every row of a dataset, chunk by chunk, changing nothing: latents, "
+                                "flipped latents, posterior stds and contexts that are not finite (stds also < 0), "
+                                "labels outside the class range; shapes, dtypes, counts vs meta.json. Bad rows are "
+                                "printed as indices of the dataset (row r of shard s: offsets[s] + r; flipped copy: "
+                                "N + that). Exit status: 0 if the dataset is clean, 1 if it found bad rows or problems "
+                                "(or could not read the dataset).")
+    check.add_argument("data", type=Path, help="the dataset: a shard folder, or a folder of shard folders")
+    check.add_argument("--json", type=Path, default=None,
+                       help="also write the whole report here (its \"rows\": for train.py --exclude-rows)")
     roundtrip = commands.add_parser("roundtrip", parents=[vae], formatter_class=formatter,
                                     help="encode + decode one image, print the PSNR")
     roundtrip.add_argument("--image", type=Path, required=True, help="the image")
@@ -568,8 +775,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1 or getattr(args, "workers", 0) < 0:
         parser.error("--batch-size must be >= 1 and --workers >= 0")
+    commands = dict(encode=run_encode, check=run_check, roundtrip=run_roundtrip)
     with one_line_errors(f"data.py {args.command}: ", also=(ValueError, OSError)):  # the loaders' errors name the file
-        return run_encode(args) if args.command == "encode" else run_roundtrip(args)
+        return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,40 @@
-"""Bundled evaluator: FID, precision / recall / density / coverage, and the power spectrum of paper Fig. 4 and 5.
+"""Bundled evaluator: ADM's suite (FID, sFID, Inception Score, precision, recall), density / coverage, and the
+power spectrum of paper Fig. 4 and 5.
 
-    # 1. reference statistics of real images (a folder of image files, searched recursively, or an ADM-style npz)
-    python fid.py stats --images /data/imagenet256/val --inception pt_inception-2015-12-05-6726825d.pth --out ref.npz
-    # 2. evaluate samples written by sample.py (uint8 NHWC images in arr_0, sampling settings in `meta`)
-    python fid.py eval --ref ref.npz --samples samples.npz --inception pt_inception-2015-12-05-6726825d.pth \\
-        --prdc --spectrum-plot spectrum.png --json report.json
+    # 1. reference statistics of real images (a folder of image files, searched recursively, or an npz with arr_0)
+    python fid.py stats --images VIRTUAL_imagenet256_labeled.npz --inception W.pth --out ref.npz
+    # 2. one row per samples npz (sample.py's: uint8 NHWC arr_0, sampling settings in `meta`); --ref may be images
+    python fid.py eval --ref ref.npz --samples baseline.npz lpl.npz --inception W.pth --spectrum-plot spectrum.png \\
+        --json report.json
     # 3. power spectra of image sets, the first one is the reference (no Inception needed)
     python fid.py spectrum real/ baseline.npz lpl.npz --plot spectra.png --json spectra.json --csv spectra.csv
 
-Nothing is downloaded. The Inception weights are the ones pytorch-fid ported from the TensorFlow FID code; get
-pt_inception-2015-12-05-6726825d.pth from FID_WEIGHTS_URL below and pass its path to --inception.
+Nothing is downloaded. The Inception weights W.pth are the ones pytorch-fid ported from the TensorFlow FID code: get
+pt_inception-2015-12-05-6726825d.pth from FID_WEIGHTS_URL (inception.py) and pass its path to --inception.
 
-The pipeline is layered as images -> Inception activations -> statistics -> distance:
+The pipeline is layered as images -> Inception outputs (inception.py: pool_3, mixed_6/conv, logits, one pass) ->
+statistics -> distances, and follows ADM's evaluator (guided-diffusion evaluations/evaluator.py) metric by metric:
 - FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) on the 2048-d pool features, equal to
   pytorch-fid 0.3.0's calculate_frechet_distance (to 1e-13 relative, measured with scipy 1.17), N < 2048 included.
-- Precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020), equal to the `prdc`
-  package 0.2 (open balls), on at most --max-features features per set (default 10000, a seeded random subset).
+- sFID (Nash et al. 2021): the same distance on the 2023-d spatial features (mixed_6/conv, 7 channels, 17 x 17).
+- Inception Score: exp(mean KL(p(y|x) || p(y))) in splits of 5000, softmax of the 1008 logits without bias.
+- Precision / recall as ADM (Kynkaanniemi et al. 2019, k = 3, closed balls), all samples against all reference
+  features; density / coverage (Naeem et al. 2020, --prdc-k) as the `prdc` package 0.2 (open balls).
 - Power spectrum: the radially averaged log power spectrum of grayscale images (section 4.2 of the paper), every
   image first resized to the reference's size (the first image's) as Inception resizes: see SpectrumMean.
+Statistics of another network (ADM's npz files hold TensorFlow's mu / sigma / mu_s / sigma_s) are never mixed
+with ours: eval measures the reference's arr_0 instead, or refuses a file without images.
 Errors in the input (a broken image, a junk npz, wrong shapes) stop a command with one line naming the file.
 
-Files: a reference statistics npz holds `mu`, `sigma` (float64), `features` (float32 subset for --prdc), `spectrum`
-(mean log10 power per cycle per image) and `meta` (a 0-d string array holding a JSON object: image count, source,
-Inception weights sha256, resize method, spectrum_size). Samples npz files may carry the same kind of `meta` array,
-written by sample.py (sampler, steps, guidance, checkpoint, autoencoder); eval copies it to `samples_meta`.
+Files: a reference statistics npz holds `mu`, `sigma`, `mu_s`, `sigma_s` (float64), `features` (float32 pool
+features of up to --max-features images, for precision / recall), `spectrum` (mean log10 power per cycle per image)
+and `meta` (a 0-d string array holding a JSON object: image count, source, Inception weights sha256, resize method,
+spectrum_size). Samples npz files may carry the same kind of `meta` array, written by sample.py (sampler, steps,
+guidance scale and interval, checkpoint, autoencoder); eval copies it to `samples_meta` and the row.
 """
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -39,28 +45,31 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from runtime import IMAGE_SUFFIXES, atomic_output, one_line_errors, rgb_image, write_json, write_text
+from inception import (FEATURE_DIM, FID_WEIGHTS_NAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL,  # noqa: F401
+                       INCEPTION_SIZE, NUM_LOGITS, RESIZE_METHOD, SPATIAL_DIM, SPATIAL_LAYER, InceptionV3,
+                       inception_features, inception_outputs, resize, sha256_of, tf_avg_pool)
+from plot import COLORS, plot_spectra  # noqa: F401 (COLORS: fid.COLORS, as before)
+from runtime import IMAGE_SUFFIXES, UserError, atomic_output, one_line_errors, rgb_image, write_json, write_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------------------------------------------
 
-FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name ends with its sha256 prefix
-INCEPTION_SIZE = 299
-FEATURE_DIM = 2048
 IMAGE_KINDS = "/".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))  # the encoder's (data.py) list
 NPZ_IMAGES = "uint8 images (N, H, W, 3) in key 'arr_0' (as sample.py writes them)"
-RESIZE_METHOD = "torch bilinear to 299x299, align_corners=False, no antialias (as pytorch-fid)"  # see resize()
-DEFAULT_MAX_FEATURES = 10_000
+DEFAULT_MAX_FEATURES = 10_000  # reference features kept by `stats` (ADM's reference batches hold 10,000 images)
+DEFAULT_MAX_SAMPLE_FEATURES = 50_000  # sample features kept by `eval` (ADM: all of the standard 50,000)
 FEATURE_SUBSET_SEED = 0  # which images keep their features for precision / recall (a fixed, seeded random subset)
+IS_SPLIT_SIZE = 5000  # Inception Score splits (ADM, improved-gan)
+ADM_PR_K = 3  # ADM's nhood_sizes=(3,)
+DEFAULT_PRDC_K = 5  # Naeem et al.'s k for density / coverage
+DISTANCE_BLOCK = 4096  # rows and columns of one block of pairwise distances: memory ~ DISTANCE_BLOCK^2, not N^2
+TF_STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")  # ADM's reference batches: TensorFlow's statistics
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 grayscale
 POWER_FLOOR = 1e-12  # power is floored before log10 so that a flat image gives a finite spectrum
 
@@ -68,14 +77,6 @@ POWER_FLOOR = 1e-12  # power is floored before log10 so that a flat image gives 
 # ----------------------------------------------------------------------------------------------------------------
 # Files: atomic writes, input checks, image sets (folders and ADM-style npz)
 # ----------------------------------------------------------------------------------------------------------------
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def check_finite_images(images, source):
     """Refuse images (or features; the first axis indexes them) holding NaN or inf, naming `source` and them."""
@@ -196,232 +197,6 @@ def open_images(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# InceptionV3 for FID: the TensorFlow graph ported by pytorch-fid, with torchvision's Inception3 key names
-# ----------------------------------------------------------------------------------------------------------------
-
-def resize(images, size):
-    """(N, C, H, W) float -> (N, C, *size): the resize of pytorch-fid's InceptionV3 (RESIZE_METHOD), also used to
-    bring image sets to one size before their power spectra."""
-    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class ConvBN(nn.Module):
-    """Conv (no bias) + BatchNorm (eps 1e-3, the TF value) + ReLU; torchvision calls it BasicConv2d."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def tf_avg_pool(x):
-    """3x3 average pool that, like TensorFlow, leaves the zero padding out of the mean."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class FIDInceptionA(nn.Module):
-    """35x35 block: 1x1, 5x5, double 3x3 and pooled branches (pytorch-fid's FIDInceptionA)."""
-
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = ConvBN(in_channels, 64, 1)
-        self.branch5x5_1 = ConvBN(in_channels, 48, 1)
-        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
-        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
-        self.branch_pool = ConvBN(in_channels, pool_features, 1)
-
-    def forward(self, x):
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        branch_pool = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, branch_pool], 1)
-
-
-class InceptionB(nn.Module):
-    """35x35 -> 17x17 reduction (unchanged from torchvision)."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = ConvBN(in_channels, 384, 3, stride=2)
-        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
-        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), branch3x3dbl, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class FIDInceptionC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions (pytorch-fid's FIDInceptionC)."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = ConvBN(in_channels, 192, 1)
-        self.branch7x7_1 = ConvBN(in_channels, c7, 1)
-        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = ConvBN(in_channels, c7, 1)
-        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = ConvBN(in_channels, 192, 1)
-
-    def forward(self, x):
-        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = layer(branch7x7dbl)
-        branch_pool = self.branch_pool(tf_avg_pool(x))
-        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool], 1)
-
-
-class InceptionD(nn.Module):
-    """17x17 -> 8x8 reduction (unchanged from torchvision)."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = ConvBN(in_channels, 192, 1)
-        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = ConvBN(in_channels, 192, 1)
-        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
-        branch7x7x3 = self.branch7x7x3_1(x)
-        for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            branch7x7x3 = layer(branch7x7x3)
-        return torch.cat([branch3x3, branch7x7x3, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class FIDInceptionE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 branches. The TF graph pools differently in its two copies:
-    pool="avg" is pytorch-fid's FIDInceptionE_1 (Mixed_7b, average pool without the padding),
-    pool="max" is FIDInceptionE_2 (Mixed_7c, a max pool, most likely a bug in the TF graph that FID inherited)."""
-
-    def __init__(self, in_channels, pool):
-        super().__init__()
-        self.pool = {"avg": tf_avg_pool, "max": lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1)}[pool]
-        self.branch1x1 = ConvBN(in_channels, 320, 1)
-        self.branch3x3_1 = ConvBN(in_channels, 384, 1)
-        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = ConvBN(in_channels, 448, 1)
-        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = ConvBN(in_channels, 192, 1)
-
-    def forward(self, x):
-        branch3x3 = self.branch3x3_1(x)
-        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
-        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        branch_pool = self.branch_pool(self.pool(x))
-        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, branch_pool], 1)  # 320+768+768+192 = 2048
-
-
-class InceptionV3(nn.Module):
-    """FID Inception: images in [0, 1] of any size -> (N, 2048) pool features.
-
-    Module names are torchvision's Inception3 (num_classes=1008, no aux logits), so the pytorch-fid weights file
-    loads with strict key checking. Build it with InceptionV3.from_file(path)."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
-        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
-        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
-        self.Mixed_7c = FIDInceptionE(2048, pool="max")
-        self.fc = nn.Linear(FEATURE_DIM, 1008)  # the TF graph's 1008 logits: in the weights file, unused by FID
-
-    def forward(self, images):
-        x = resize(images, (INCEPTION_SIZE, INCEPTION_SIZE))
-        x = 2 * x - 1  # [0, 1] -> [-1, 1], the range of the TF graph
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (N, 192, 71, 71)
-        x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 288, 35, 35)
-        x = self.Mixed_6a(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (N, 768, 17, 17)
-        x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
-        x = self.Mixed_7c(self.Mixed_7b(x))  # (N, 2048, 8, 8)
-        return x.mean(dim=(2, 3))  # (N, 2048), the global average pool
-
-    @classmethod
-    def from_file(cls, path):
-        """Load pt_inception-2015-12-05-6726825d.pth with strict key and shape checks; returns (model, sha256).
-
-        BatchNorm's `num_batches_tracked` counters are the one exception: they only matter in training, older
-        torch versions did not save them, so a missing one is filled with 0 (a present one is loaded)."""
-        path = Path(path)
-        expected = f"the FID Inception weights {FID_WEIGHTS_NAME} (sha256 starts with {FID_WEIGHTS_SHA256_PREFIX})"
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {path} not found. Nothing is downloaded: get {expected} "
-                                    f"from {FID_WEIGHTS_URL} and pass its path with --inception")
-        sha256 = sha256_of(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{path} is not a readable PyTorch state dict ({type(error).__name__}: {error}); "
-                             f"expected {expected}. Truncated? Get it again from {FID_WEIGHTS_URL}") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; expected {expected}")
-        model = cls()
-        wanted = model.state_dict()
-        missing = [k for k in wanted if k not in state and not k.endswith(".num_batches_tracked")]
-        unexpected = [k for k in state if k not in wanted]
-        wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in wanted.items()
-                       if k in state and tuple(state[k].shape) != tuple(v.shape)]
-        if missing or unexpected or wrong_shape:
-            problems = [f"{len(items)} {name}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                        for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                            ("keys with the wrong shape", wrong_shape)) if items]
-            raise ValueError(f"{path} does not match the FID InceptionV3 ({'; '.join(problems)}); "
-                             f"expected {expected} from {FID_WEIGHTS_URL}")
-        state = {k: state.get(k, v) for k, v in wanted.items()}  # fills the missing num_batches_tracked only
-        model.load_state_dict(state, strict=True)
-        if not sha256.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            warnings.warn(f"{path} has the FID Inception layout but sha256 {sha256[:8]}..., not "
-                          f"{FID_WEIGHTS_SHA256_PREFIX}...: its FIDs are not comparable with published ones")
-        return model.eval().requires_grad_(False), sha256
-
-
-@torch.no_grad()
-def inception_features(model, images, device):
-    """A list of uint8 (3, H, W) images -> (N, 2048) float32 features, computed in float32 even under autocast."""
-    if len({tuple(image.shape) for image in images}) == 1:
-        batch = torch.stack(images).to(device).float() / 255  # (N, 3, H, W)
-    else:  # mixed sizes: resize one by one with the same bilinear resize the model applies
-        batch = torch.cat([resize(image[None].to(device).float() / 255, (INCEPTION_SIZE, INCEPTION_SIZE))
-                           for image in images])
-    with torch.autocast(device_type=torch.device(device).type, enabled=False):
-        return model(batch)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Feature statistics, accumulated in float64
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -524,7 +299,65 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Precision, recall, density, coverage in chunks
+# Inception Score in splits (ADM's evaluator, after improved-gan)
+# ----------------------------------------------------------------------------------------------------------------
+
+def split_inception_score(probabilities):
+    """exp(mean_x KL(p(y|x) || p(y))) of one split of predictions (n, classes), p(y) the split's mean prediction.
+    KL is sum_y p (log p - log p(y)) as ADM writes it, with 0 log 0 = 0 (ADM's float32 softmax gives NaN there)."""
+    marginal = probabilities.mean(axis=0, keepdims=True)  # (1, classes)
+    kl = scipy.special.xlogy(probabilities, probabilities) - scipy.special.xlogy(probabilities, marginal)
+    return float(np.exp(kl.sum(axis=1).mean()))
+
+
+class InceptionScoreSplits:
+    """The Inception Score of predictions that arrive in batches: consecutive splits of split_size predictions
+    (the last may be shorter, as ADM's range(0, N, split_size)), each scored once complete, so that memory holds
+    one split, never the whole set. score() is the mean over splits."""
+
+    def __init__(self, split_size=IS_SPLIT_SIZE):
+        if split_size < 1:
+            raise ValueError(f"Inception Score: split_size must be positive, got {split_size}")
+        self.split_size, self.pending, self.pending_count, self.scores = split_size, [], 0, []
+
+    def update(self, probabilities):
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if probabilities.ndim != 2 or not np.isfinite(probabilities).all() or (probabilities < 0).any():
+            raise ValueError(f"Inception Score: expected finite non-negative (N, classes) probabilities, got shape "
+                             f"{probabilities.shape}")
+        if not np.allclose(probabilities.sum(axis=1), 1, rtol=0, atol=1e-4):
+            raise ValueError("Inception Score: every row must sum to 1 (softmax outputs, not logits)")
+        while len(probabilities):
+            taken = probabilities[:self.split_size - self.pending_count]
+            self.pending.append(taken)
+            self.pending_count += len(taken)
+            probabilities = probabilities[len(taken):]
+            if self.pending_count == self.split_size:
+                self.scores.append(split_inception_score(np.concatenate(self.pending)))
+                self.pending, self.pending_count = [], 0
+
+    def score(self):
+        partial = [split_inception_score(np.concatenate(self.pending))] if self.pending else []
+        if not self.scores + partial:
+            raise ValueError("Inception Score: no predictions")
+        return float(np.mean(self.scores + partial))
+
+    @property
+    def num_splits(self):
+        return len(self.scores) + bool(self.pending)
+
+
+def inception_score(probabilities, split_size=IS_SPLIT_SIZE):
+    """ADM's Inception Score of softmax outputs (N, classes) (compute_inception_score): the set cut into
+    consecutive splits of split_size, exp(mean KL(p(y|x) || p(y))) per split, their mean. It lies in
+    [1, classes]: 1 when every prediction is the same, `classes` for one-hot predictions spread evenly."""
+    splits = InceptionScoreSplits(split_size)
+    splits.update(probabilities)
+    return splits.score()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision, recall (ADM's and prdc's), density, coverage in blocks
 # ----------------------------------------------------------------------------------------------------------------
 
 def squared_distances(a, b):
@@ -532,24 +365,71 @@ def squared_distances(a, b):
     Values within the round-off of that expansion (dim * eps * (|a|^2 + |b|^2)) are set to exactly 0, so that a
     point is at distance 0 from itself and from its duplicates (as sklearn's zeroed diagonal in prdc), never below."""
     norms_a, norms_b = a.square().sum(1)[:, None], b.square().sum(1)[None, :]
-    squared = norms_a + norms_b - 2 * a @ b.T  # (len(a), len(b))
-    round_off = a.shape[1] * torch.finfo(a.dtype).eps * (norms_a + norms_b)
-    return torch.where(squared <= round_off, 0.0, squared)
+    squared = torch.addmm(norms_b, a, b.T, alpha=-2).add_(norms_a)  # (len(a), len(b)), in place: memory-bound
+    round_off = (norms_a + norms_b).mul_(a.shape[1] * torch.finfo(a.dtype).eps)
+    return squared.masked_fill_(squared <= round_off, 0.0)
+
+
+def distance_blocks(real, fake, block_size):
+    """(rows, columns, squared distances (r, c) of real[rows] to fake[columns]) for every block_size^2 block."""
+    for i in range(0, len(real), block_size):
+        rows = slice(i, i + block_size)
+        for j in range(0, len(fake), block_size):
+            columns = slice(j, j + block_size)
+            yield rows, columns, squared_distances(real[rows], fake[columns])
 
 
 def knn_radii(points, k, chunk_size):
-    """Squared distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    """Squared distance from each point to its k-th nearest neighbour in the same set (itself excluded): ADM's
+    radii (the k-th entry of the sorted row, the point's own 0 first), and prdc's squared."""
     radii = []
     for rows in points.split(chunk_size):
         nearest = rows.new_empty(len(rows), 0)  # (r, <= k + 1) smallest distances so far, the point itself included
         for columns in points.split(chunk_size):
-            candidates = torch.cat([nearest, squared_distances(rows, columns)], dim=1)
+            block = squared_distances(rows, columns)
+            block = block.topk(min(k + 1, block.shape[1]), dim=1, largest=False).values  # (r, <= k + 1)
+            candidates = torch.cat([nearest, block], dim=1)
             nearest = candidates.topk(min(k + 1, candidates.shape[1]), dim=1, largest=False).values
         radii.append(nearest.amax(dim=1))
     return torch.cat(radii)
 
 
-def prdc(real_features, fake_features, k=5, chunk_size=4096):
+def feature_pair(real_features, fake_features, k, flag):
+    """Both feature sets as float64 tensors on the real features' device, checked: (N, D) and (M, D), finite, and
+    more than k points each (flag: the option that sets k)."""
+    real = torch.as_tensor(real_features).to(torch.float64)
+    fake = torch.as_tensor(fake_features).to(real.device, torch.float64)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision / recall: expected (N, D) real and (M, D) fake features, got "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision / recall: k={k} nearest neighbours ({flag}) need more than {k} points per "
+                         f"set, got {len(real)} real and {len(fake)} fake")
+    for name, features in (("real_features", real), ("fake_features", fake)):
+        if not torch.isfinite(features).all():
+            raise ValueError(f"precision / recall: {name} hold NaN or inf values")
+    return real, fake
+
+
+def adm_precision_recall(real_features, fake_features, k=ADM_PR_K, block_size=DISTANCE_BLOCK):
+    """Precision and recall as ADM's evaluator computes them (Kynkaanniemi et al. 2019; ManifoldEstimator with
+    nhood_sizes=(3,)): with r_i the squared distance from real i to its k-th nearest other real, s_j the same for
+    fake j, and d the squared distance,
+      precision = mean_j [exists i: d(i, j) <= r_i]      recall = mean_i [exists j: d(i, j) <= s_j]
+    Closed balls (<=, where prdc() uses <); squared distances give the same sets as plain ones. Returns
+    (precision, recall). Distances in float64 throughout, where ADM computes them in float16 first (float32 only if
+    that overflows); in block_size^2 blocks, so memory is bounded by the block, not N x M."""
+    real, fake = feature_pair(real_features, fake_features, k, "k")
+    real_radii, fake_radii = knn_radii(real, k, block_size), knn_radii(fake, k, block_size)
+    in_real_balls = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
+    in_fake_balls = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    for rows, columns, distance in distance_blocks(real, fake, block_size):
+        in_real_balls[columns] |= (distance <= real_radii[rows, None]).any(dim=0)
+        in_fake_balls[rows] |= (distance <= fake_radii[None, columns]).any(dim=1)
+    return in_real_balls.double().mean().item(), in_fake_balls.double().mean().item()
+
+
+def prdc(real_features, fake_features, k=DEFAULT_PRDC_K, chunk_size=DISTANCE_BLOCK):
     """Precision, recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020).
 
     With r_i the distance from real i to its k-th nearest real neighbour and s_j the same for fake j:
@@ -562,32 +442,18 @@ def prdc(real_features, fake_features, k=5, chunk_size=4096):
     Distances are computed in float64 on the features' device, in chunk_size x chunk_size blocks (k-NN radii by
     a running top-k over column blocks): memory stays bounded, never an N x M matrix. A radius and the distances
     compared with it come from the same block products, so ties (identical sets) are exact."""
-    real = torch.as_tensor(real_features).to(torch.float64)
-    fake = torch.as_tensor(fake_features).to(real.device, torch.float64)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"precision / recall: expected (N, D) real and (M, D) fake features, got "
-                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision / recall: k={k} nearest neighbours (--prdc-k) need more than {k} points per "
-                         f"set, got {len(real)} real and {len(fake)} fake")
-    for name, features in (("real_features", real), ("fake_features", fake)):
-        if not torch.isfinite(features).all():
-            raise ValueError(f"precision / recall: {name} hold NaN or inf values")
+    real, fake = feature_pair(real_features, fake_features, k, "--prdc-k")
     real_radii, fake_radii = knn_radii(real, k, chunk_size), knn_radii(fake, k, chunk_size)
     precision_hit, recall_hit, coverage_hit = (torch.zeros(n, dtype=torch.bool, device=real.device)
                                                for n in (len(fake), len(real), len(real)))
     density_count = torch.zeros(len(fake), dtype=torch.int64, device=real.device)
-    for i in range(0, len(real), chunk_size):
-        rows = slice(i, i + chunk_size)
-        for j in range(0, len(fake), chunk_size):
-            columns = slice(j, j + chunk_size)
-            distance = squared_distances(real[rows], fake[columns])  # (r, c), compared with squared radii
-            in_real_ball = distance < real_radii[rows, None]  # fake j inside the open k-NN ball of real i
-            in_fake_ball = distance < fake_radii[None, columns]  # real i inside the open k-NN ball of fake j
-            precision_hit[columns] |= in_real_ball.any(dim=0)
-            density_count[columns] += in_real_ball.sum(dim=0)
-            coverage_hit[rows] |= in_real_ball.any(dim=1)
-            recall_hit[rows] |= in_fake_ball.any(dim=1)
+    for rows, columns, distance in distance_blocks(real, fake, chunk_size):  # distance: compared with squared radii
+        in_real_ball = distance < real_radii[rows, None]  # fake j inside the open k-NN ball of real i
+        in_fake_ball = distance < fake_radii[None, columns]  # real i inside the open k-NN ball of fake j
+        precision_hit[columns] |= in_real_ball.any(dim=0)
+        density_count[columns] += in_real_ball.sum(dim=0)
+        coverage_hit[rows] |= in_real_ball.any(dim=1)
+        recall_hit[rows] |= in_fake_ball.any(dim=1)
     return {"precision": precision_hit.double().mean().item(), "recall": recall_hit.double().mean().item(),
             "density": density_count.double().mean().item() / k, "coverage": coverage_hit.double().mean().item()}
 
@@ -717,110 +583,38 @@ def write_spectrum_csv(path, comparison):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plot with Pillow only: two panels (log10 power; difference to the reference), ticks, labels, legend, title
-# ----------------------------------------------------------------------------------------------------------------
-
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-
-
-def nice_ticks(low, high, count=6):
-    """Round tick values (steps of 1, 2 or 5 times a power of ten) covering [low, high]."""
-    low, high = (low - 0.5, high + 0.5) if high <= low else (low, high)
-    raw_step = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw_step))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step)
-    decimals = max(0, -math.floor(math.log10(step)))
-    first, last = math.floor(low / step), math.ceil(high / step)
-    return [round(i * step, decimals) for i in range(first, last + 1)]
-
-
-def draw_panel(draw, box, curves, title, x_label, y_label, font):
-    """Line plot of curves [(name, xs, ys, color)] inside box = (left, top, right, bottom) of the figure."""
-    left, top, right, bottom = box
-    x_ticks, y_ticks = (nice_ticks(min(np.min(c[i]) for c in curves), max(np.max(c[i]) for c in curves))
-                        for i in (1, 2))
-    x_low, x_high, y_low, y_high = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    def to_pixel(x, y):
-        return (left + (x - x_low) / (x_high - x_low) * (right - left),
-                bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
-
-    for x in x_ticks:
-        px, _ = to_pixel(x, y_low)
-        draw.line([(px, top), (px, bottom)], fill="#e6e6e6")
-        draw.line([(px, bottom), (px, bottom + 5)], fill="black")
-        draw.text((px, bottom + 8), f"{x:g}", fill="black", font=font, anchor="mt")
-    for y in y_ticks:
-        _, py = to_pixel(x_low, y)
-        draw.line([(left, py), (right, py)], fill="#e6e6e6")
-        draw.line([(left - 5, py), (left, py)], fill="black")
-        draw.text((left - 8, py), f"{y:g}", fill="black", font=font, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for name, curve_x, curve_y, color in curves:
-        draw.line([to_pixel(x, y) for x, y in zip(curve_x, curve_y)], fill=color, width=2)
-    draw.text(((left + right) / 2, top - 10), title, fill="black", font=font, anchor="md")
-    draw.text(((left + right) / 2, bottom + 30), x_label, fill="black", font=font, anchor="mt")
-    draw.text((left, top - 28), y_label, fill="black", font=font, anchor="lm")
-
-
-def draw_legend(draw, right, top, entries, font):
-    """Legend box [(name, color)] with its top-right corner at (right, top)."""
-    left = right - 40 - max(draw.textlength(name, font=font) for name, _ in entries)
-    draw.rectangle([left, top, right, top + 8 + 20 * len(entries)], fill="white", outline="black")
-    for y, (name, color) in zip(range(top + 14, top + 14 + 20 * len(entries), 20), entries):
-        draw.line([(left + 8, y), (left + 28, y)], fill=color, width=3)
-        draw.text((left + 34, y), name, fill="black", font=font, anchor="lm")
-
-
-def plot_spectra(path, comparison, title):
-    """PNG of the curves (DC left out: it is the mean brightness, it stays in the JSON / CSV) and differences."""
-    names = list(comparison["log10_power"])
-    colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(names)}
-    frequency = np.asarray(comparison["frequency_cycles_per_image"][1:])
-    image = Image.new("RGB", (1400, 620), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=15)
-    draw.text((700, 22), title, fill="black", font=ImageFont.load_default(size=20), anchor="mt")
-    power_curves = [(n, frequency, np.asarray(comparison["log10_power"][n][1:]), colors[n]) for n in names]
-    draw_panel(draw, (90, 110, 670, 540), power_curves, "Radially averaged power spectrum",
-               "frequency (cycles per image)", "log10 power", font)
-    reference, differences = comparison["reference"], comparison["difference_to_reference"]
-    difference_curves = [(n, frequency, np.asarray(differences[n][1:]) if n in differences else 0 * frequency,
-                          colors[n]) for n in names]
-    draw_panel(draw, (790, 110, 1370, 540), difference_curves, f"Difference to {reference}",
-               "frequency (cycles per image)", "log10 power - reference", font)
-    draw_legend(draw, 660, 120, [(n, colors[n]) for n in names], font)
-    with atomic_output(path) as temporary:
-        image.save(temporary, format="PNG")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # One pass over an image set
 # ----------------------------------------------------------------------------------------------------------------
 
 def measure_images(images, device, batch_size, workers, inception=None, keep_features=0, spectrum=False,
                    spectrum_size=None):
-    """Inception statistics (with a feature subset of size keep_features) and / or the mean spectrum of a set,
-    its images brought to spectrum_size (default: the first image's size) first."""
-    statistics = FeatureStatistics()
+    """One pass over a set. With `inception`: the statistics of pool_3 (mu, sigma) and of mixed_6/conv (mu_s,
+    sigma_s), the Inception Score, and the pool features of a seeded subset of keep_features images. With
+    `spectrum`: the mean spectrum, its images brought to spectrum_size (default: the first image's size) first."""
+    pool, spatial, scores = FeatureStatistics(), FeatureStatistics(), InceptionScoreSplits()
     spectrum_mean = SpectrumMean(spectrum_size) if spectrum else None
     keep = subset_mask(len(images), keep_features)
     kept, start = [], 0
     with tqdm(total=len(images), unit="img", desc=str(images.path)) as progress:
         for batch in images.batches(batch_size, workers):
             if inception is not None:
-                features = inception_features(inception, batch, device)  # (B, 2048)
-                check_finite_images(features, f"{images.path}: Inception features of the batch from image {start}")
-                statistics.update(features)
-                kept.append(features[torch.from_numpy(keep[start:start + len(batch)]).to(device)].cpu())
+                outputs = inception_outputs(inception, batch, device)  # pool (B, 2048), spatial (B, 2023), logits
+                check_finite_images(torch.cat(outputs, dim=1),
+                                    f"{images.path}: Inception features of the batch from image {start}")
+                pool.update(outputs.pool)
+                spatial.update(outputs.spatial)
+                scores.update(torch.softmax(outputs.logits.double(), dim=1).cpu().numpy())  # (B, 1008)
+                kept.append(outputs.pool[torch.from_numpy(keep[start:start + len(batch)]).to(device)].cpu())
             if spectrum_mean is not None:
                 spectrum_mean.update(batch, device)
             start += len(batch)
             progress.update(len(batch))
     result = {"count": len(images)}
     if inception is not None:
-        result["mu"], result["sigma"] = statistics.mean_and_covariance(images.path)
-        result["features"] = torch.cat(kept).numpy()
+        result["mu"], result["sigma"] = pool.mean_and_covariance(images.path)
+        result["mu_s"], result["sigma_s"] = spatial.mean_and_covariance(images.path)
+        result.update(features=torch.cat(kept).numpy(), inception_score=scores.score(),
+                      inception_score_num_splits=scores.num_splits)
     if spectrum_mean is not None:
         result.update(spectrum=spectrum_mean.mean(), spectrum_size=list(spectrum_mean.size),
                       spectrum_resized=spectrum_mean.resized)
@@ -828,8 +622,12 @@ def measure_images(images, device, batch_size, workers, inception=None, keep_fea
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Commands
+# Reference: our statistics, or images measured here; never another network's statistics
 # ----------------------------------------------------------------------------------------------------------------
+
+REFERENCE_KINDS = ("statistics written by `fid.py stats`, an npz with uint8 images (N, H, W, 3) in 'arr_0' (as "
+                   "ADM's reference batches), or a folder of images")
+
 
 def command_stats(args):
     inception, sha256 = InceptionV3.from_file(args.inception)
@@ -837,66 +635,203 @@ def command_stats(args):
     result = measure_images(images, args.device, args.batch_size, args.workers, inception.to(args.device),
                             keep_features=args.max_features, spectrum=True)
     meta = {"num_images": result["count"], "source": str(images.path), "source_meta": images.meta,
-            "inception_sha256": sha256, "resize": RESIZE_METHOD, "num_features": len(result["features"]),
-            "feature_subset_seed": FEATURE_SUBSET_SEED, "spectrum": "mean log10 power, cycles per image",
+            "source_arrays": images.arrays, "inception_sha256": sha256, "resize": RESIZE_METHOD,
+            "spatial_layer": f"{SPATIAL_LAYER} (TF mixed_6/conv), channels :7, NHWC-flattened",
+            "num_features": len(result["features"]), "feature_subset_seed": FEATURE_SUBSET_SEED,
+            "spectrum": "mean log10 power, cycles per image",
             "spectrum_size": result["spectrum_size"]}  # eval brings samples to it before their spectrum
     with atomic_output(args.out) as temporary, open(temporary, "wb") as file:
-        np.savez(file, mu=result["mu"], sigma=result["sigma"], features=result["features"].astype(np.float32),
-                 spectrum=result["spectrum"], meta=np.array(json.dumps(meta)))
+        np.savez(file, mu=result["mu"], sigma=result["sigma"], mu_s=result["mu_s"], sigma_s=result["sigma_s"],
+                 features=result["features"].astype(np.float32), spectrum=result["spectrum"],
+                 meta=np.array(json.dumps(meta)))
     print(f"wrote {args.out}: statistics of {result['count']} images, {len(result['features'])} features kept")
 
 
-def load_reference(path):
-    """The arrays of a stats npz: mu and sigma always, features / spectrum / meta when present, shapes checked."""
-    path, expected = Path(path), "reference statistics written by `fid.py stats` (mu, sigma, features, ...)"
+def checked_statistics(path, arrays, meta):
+    """A `fid.py stats` file's arrays, checked: mu, sigma; mu_s, sigma_s, features when there (older: no mu_s)."""
+    expected = "statistics written by `fid.py stats`"
+    shapes = {"mu": (FEATURE_DIM,), "sigma": (FEATURE_DIM, FEATURE_DIM), "mu_s": (SPATIAL_DIM,),
+              "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+    for key, shape in shapes.items():
+        if key in ("mu", "sigma") or key in arrays:
+            if key not in arrays or arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
+                raise ValueError(f"{path}: key {key!r} missing, not {shape} or not finite; expected {expected}")
+    if ("mu_s" in arrays) != ("sigma_s" in arrays):
+        raise ValueError(f"{path}: holds only one of mu_s / sigma_s; expected {expected}")
+    if "features" in arrays and arrays["features"].shape[1:] != (FEATURE_DIM,):
+        raise ValueError(f"{path}: key 'features' is {arrays['features'].shape}, not (N, {FEATURE_DIM})")
+    return dict(arrays, meta=meta)
+
+
+def read_reference(path):
+    """eval's --ref: a dict of arrays (and `meta`) for a `fid.py stats` file, whose meta names the Inception weights
+    that computed it; else the images to measure (an npz with arr_0, a folder). Statistics without that record
+    (ADM's npz files hold TensorFlow's, over the whole training set) are never mixed with this network's: an npz
+    that also holds images is measured from them; one without images is refused."""
+    path = Path(path)
+    if path.is_dir():
+        return open_images(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics {path} not found; make them with `python fid.py stats`")
-    keys, reference = load_npz(path, expected)
-    for key, shape in (("mu", (FEATURE_DIM,)), ("sigma", (FEATURE_DIM, FEATURE_DIM))):
-        if key not in reference or reference[key].shape != shape or not np.isfinite(reference[key]).all():
-            raise ValueError(f"{path}: key {key!r} missing, not {shape} or not finite; expected {expected}")
-    if "features" in reference and reference["features"].shape[1:] != (FEATURE_DIM,):
-        raise ValueError(f"{path}: key 'features' is {reference['features'].shape}, not (N, {FEATURE_DIM})")
-    reference["meta"] = read_meta(reference["meta"], path) if "meta" in keys else {}
-    return reference
+        raise FileNotFoundError(f"reference {path} not found; expected {REFERENCE_KINDS}")
+    keys, arrays = load_npz(path, REFERENCE_KINDS, skip=("arr_0",))
+    meta = read_meta(arrays["meta"], path) if "meta" in keys else {}
+    if "inception_sha256" in meta:
+        return checked_statistics(path, arrays, meta)
+    if "arr_0" in keys:
+        return NpzImages(path)
+    foreign = [key for key in keys if key in TF_STATISTICS_KEYS]
+    if foreign:
+        raise UserError(f"{path} holds statistics {foreign} but no record of the network that computed them (ADM's "
+                        f"hold TensorFlow's); mixed with this PyTorch Inception's features they would give figures "
+                        f"comparable with neither. Pass the reference images instead (an npz with arr_0, as ADM's "
+                        f"reference batches) or `python fid.py stats --images IMAGES --inception W --out ref.npz`")
+    raise UserError(f"{path} holds {keys}; expected {REFERENCE_KINDS}")
+
+
+def measure_reference(images, inception, args):
+    """Reference statistics measured here from its images (features of up to DEFAULT_MAX_FEATURES, as `stats`)."""
+    result = measure_images(images, args.device, args.batch_size, args.workers, inception,
+                            keep_features=DEFAULT_MAX_FEATURES, spectrum=bool(args.spectrum_plot))
+    unused = [key for key in images.arrays if key in TF_STATISTICS_KEYS]
+    source = (f"measured here from the {result['count']} images of {args.ref} with --inception"
+              + (f"; its own {', '.join(unused)} (another network's statistics) not used" if unused else ""))
+    return dict(result, meta={"num_images": result["count"], "spectrum_size": result.get("spectrum_size")},
+                source=source)
+
+
+def reference_of(args, reference, inception, sha256):
+    """The reference statistics for eval: read (weights checked against --inception) or measured."""
+    if not isinstance(reference, dict):
+        return measure_reference(reference, inception, args)
+    made_with = reference["meta"]["inception_sha256"]
+    if made_with != sha256:
+        raise ValueError(f"{args.ref} was made with Inception weights sha256 {made_with[:12]}..., --inception "
+                         f"{args.inception} is {sha256[:12]}...: the features are not comparable")
+    count = reference["meta"].get("num_images")
+    return dict(reference, source=f"read from {args.ref} (`fid.py stats` of {count} images)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: the row of each samples file
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFINITIONS = {  # what each figure of a row is, as the JSON report states it
+    "fid": "Frechet distance of the pool_3 (2048-d) Gaussians of samples and reference",
+    "sfid": f"Frechet distance of the mixed_6/conv ({SPATIAL_LAYER}) features: 7 channels x 17 x 17 = 2023-d",
+    "inception_score": f"exp(mean KL(p(y|x) || p(y))), softmax of the {NUM_LOGITS} logits without bias, mean over "
+                       f"consecutive splits of {IS_SPLIT_SIZE} samples (ADM)",
+    "precision": f"ADM (Kynkaanniemi et al. 2019), k={ADM_PR_K}: samples inside a reference k-NN ball (closed)",
+    "recall": f"ADM (Kynkaanniemi et al. 2019), k={ADM_PR_K}: reference images inside a sample k-NN ball (closed)",
+    "density, coverage": "Naeem et al. 2020 (prdc package), k=prdc_k, open balls, prdc_num_fake samples"}
+
+
+def sampler_settings(meta):
+    """The sampling settings recorded in a samples npz's meta by sample.py (None where absent)."""
+    meta = meta or {}
+    return {"sampler": meta.get("sampler"), "steps": meta.get("steps"), "guidance_scale": meta.get("cfg",
+            meta.get("cfg_scale")), "guidance_interval": meta.get("guidance_interval"),
+            "guidance_channels": meta.get("cfg_channels")}  # DiT guides 3 of its 4 latent channels
+
+
+def neighbour_metrics(real_features, fake_features, prdc_k, device):
+    """ADM's precision / recall on all kept features; density / coverage on as many samples as the reference has
+    features (a seeded subset), as Naeem et al. compare equal counts. Returns (metrics, missing: {names: why})."""
+    real, fake = (torch.as_tensor(features, device=device) for features in (real_features, fake_features))
+    fake_subset = fake[torch.from_numpy(subset_mask(len(fake), len(real))).to(device)]
+    metrics, missing = {}, {}
+    if min(len(real), len(fake)) > ADM_PR_K:
+        metrics.update(zip(("precision", "recall"), adm_precision_recall(real, fake)), precision_recall_k=ADM_PR_K,
+                       precision_recall_num_real=len(real), precision_recall_num_fake=len(fake))
+    else:
+        missing["precision, recall"] = f"k={ADM_PR_K} needs more than {ADM_PR_K} features per set"
+    if len(fake_subset) > prdc_k:
+        naeem = prdc(real, fake_subset, k=prdc_k)
+        metrics.update(density=naeem["density"], coverage=naeem["coverage"], prdc_k=prdc_k,
+                       prdc_num_real=len(real), prdc_num_fake=len(fake_subset))
+    else:
+        missing["density, coverage"] = f"--prdc-k {prdc_k} needs more than {prdc_k} features per set"
+    return metrics, missing
+
+
+def evaluate_samples(samples, reference, inception, args):
+    """The row of one samples set against the reference: FID, sFID, IS, precision, recall, density, coverage."""
+    result = measure_images(samples, args.device, args.batch_size, args.workers, inception,
+                            keep_features=args.max_features, spectrum=bool(args.spectrum_plot),
+                            spectrum_size=reference["meta"].get("spectrum_size"))
+    row = {"samples": str(samples.path), "num_samples": result["count"],
+           "fid": frechet_distance(result["mu"], result["sigma"], reference["mu"], reference["sigma"]),
+           "sfid": None, "inception_score": result["inception_score"], "inception_score_split_size": IS_SPLIT_SIZE,
+           "inception_score_num_splits": result["inception_score_num_splits"],
+           "sampler_settings": sampler_settings(samples.meta), "samples_meta": samples.meta,
+           "samples_arrays": samples.arrays, "missing": {}}
+    if "mu_s" in reference:
+        row["sfid"] = frechet_distance(result["mu_s"], result["sigma_s"], reference["mu_s"], reference["sigma_s"])
+    else:
+        row["missing"]["sfid"] = f"{args.ref} has no mu_s / sigma_s (an older `fid.py stats`): remake it for sFID"
+    if args.prdc and "features" in reference:
+        metrics, missing = neighbour_metrics(reference["features"], result["features"], args.prdc_k, args.device)
+        row.update(metrics)
+        row["missing"].update(missing)
+    elif args.prdc:
+        row["missing"]["precision, recall, density, coverage"] = f"{args.ref} has no features: remake it"
+    if args.spectrum_plot:
+        row["spectrum"] = result["spectrum"]
+    return row
+
+
+def markdown_table(rows):
+    """The standard row of each samples set, as a Markdown table."""
+    cell = lambda value, spec: "n/a" if value is None else format(value, spec)  # noqa: E731
+    lines = ["| samples | N | FID | sFID | IS | precision | recall | density | coverage | sampler | steps | "
+             "guidance | interval |", "|" + " --- |" * 13]
+    for row in rows:
+        settings = row["sampler_settings"]
+        lines.append("| " + " | ".join([
+            Path(row["samples"]).name, str(row["num_samples"]), cell(row["fid"], ".3f"), cell(row["sfid"], ".3f"),
+            cell(row["inception_score"], ".2f")] + [cell(row.get(key), ".4f") for key in
+                                                   ("precision", "recall", "density", "coverage")]
+            + [cell(settings[key], "") for key in ("sampler", "steps", "guidance_scale", "guidance_interval")]) + " |")
+    return "\n".join(lines)
+
+
+def add_spectra(rows, reference, args):
+    """Plot the samples' spectra against the reference's; each row gets its error per octave band."""
+    names = [Path(row["samples"]).name for row in rows]
+    names = [name if names.count(name) == 1 and name != "reference" else row["samples"]
+             for name, row in zip(names, rows)]
+    comparison = compare_spectra({"reference": reference["spectrum"],
+                                  **{name: row.pop("spectrum") for name, row in zip(names, rows)}})
+    plot_spectra(args.spectrum_plot, comparison, f"{', '.join(names)} vs {Path(args.ref).name}")
+    for name, row in zip(names, rows):
+        row["spectrum_band_error"] = comparison["band_error"][name]
 
 
 def command_eval(args):
-    reference = load_reference(args.ref)
-    for wanted, flag, key in ((args.prdc, "--prdc", "features"), (args.spectrum_plot, "--spectrum-plot", "spectrum")):
-        if wanted and key not in reference:
-            raise ValueError(f"{args.ref}: no key {key!r}; {flag} needs a reference made by `python fid.py stats`")
+    reference = read_reference(args.ref)
+    if args.spectrum_plot and isinstance(reference, dict) and "spectrum" not in reference:
+        raise ValueError(f"{args.ref}: no key 'spectrum'; --spectrum-plot needs a reference made by `fid.py stats`")
+    sample_sets = [open_images(path) for path in args.samples]
     inception, sha256 = InceptionV3.from_file(args.inception)
-    reference_sha256 = reference["meta"].get("inception_sha256")
-    if reference_sha256 is None:
-        warnings.warn(f"{args.ref} does not record its Inception weights; assuming they were {args.inception}")
-    elif reference_sha256 != sha256:
-        raise ValueError(f"{args.ref} was made with Inception weights sha256 {reference_sha256[:12]}..., "
-                         f"--inception {args.inception} is {sha256[:12]}...: the features are not comparable")
-    samples = open_images(args.samples)
-    keep = len(reference["features"]) if args.prdc else 0
-    result = measure_images(samples, args.device, args.batch_size, args.workers, inception.to(args.device),
-                            keep_features=keep, spectrum=bool(args.spectrum_plot),
-                            spectrum_size=reference["meta"].get("spectrum_size"))
-    report = {"fid": frechet_distance(result["mu"], result["sigma"], reference["mu"], reference["sigma"]),
-              "num_samples": result["count"], "samples": str(samples.path), "samples_meta": samples.meta,
-              "samples_arrays": samples.arrays, "reference": str(args.ref), "reference_sha256": sha256_of(args.ref),
-              "reference_num_images": reference["meta"].get("num_images"),
+    inception = inception.to(args.device)
+    reference = reference_of(args, reference, inception, sha256)
+    print(f"reference statistics: {reference['source']}")
+    shared = {"reference": str(args.ref), "reference_sha256": sha256_of(args.ref) if Path(args.ref).is_file() else None,
+              "reference_num_images": reference["meta"]["num_images"], "reference_statistics": reference["source"],
               "inception_weights": str(args.inception), "inception_sha256": sha256,
-              "inception_is_standard": sha256.startswith(FID_WEIGHTS_SHA256_PREFIX),
-              "resize": RESIZE_METHOD, "device": str(args.device), "torch": torch.__version__}
-    if args.prdc:
-        report.update(prdc(reference["features"], result["features"], k=args.prdc_k), prdc_k=args.prdc_k,
-                      prdc_num_real=len(reference["features"]), prdc_num_fake=len(result["features"]))
+              "inception_is_standard": sha256.startswith(FID_WEIGHTS_SHA256_PREFIX), "resize": RESIZE_METHOD,
+              "definitions": DEFINITIONS, "device": str(args.device), "torch": torch.__version__}
+    rows = [dict(evaluate_samples(samples, reference, inception, args), **shared) for samples in sample_sets]
     if args.spectrum_plot:
-        comparison = compare_spectra({"reference": reference["spectrum"], "samples": result["spectrum"]})
-        plot_spectra(args.spectrum_plot, comparison, f"{samples.path.name} vs {Path(args.ref).name}")
-        report["spectrum_band_error"] = comparison["band_error"]["samples"]
-    print("\n".join(f"{key}: {report[key]:.4f}" for key in ("fid", "precision", "recall", "density", "coverage")
-                    if key in report))
+        add_spectra(rows, reference, args)
+    table = markdown_table(rows)
+    print(table)
+    for row, markdown_row in zip(rows, table.split("\n")[2:]):
+        row["markdown_row"] = markdown_row
+        for metric, why in row["missing"].items():
+            print(f"{Path(row['samples']).name}: no {metric}: {why}")
     if args.json:
-        write_json(args.json, report)
-    return report
+        write_json(args.json, rows[0] if len(rows) == 1 else {"rows": rows, "markdown": table})
+    return rows[0] if len(rows) == 1 else rows
 
 
 def command_spectrum(args):
@@ -938,20 +873,26 @@ def build_parser():
     stats.add_argument("--images", required=True, help=f"folder of {IMAGE_KINDS} (recursive) or npz with arr_0")
     stats.add_argument("--inception", required=True, help=f"path to {FID_WEIGHTS_NAME}")
     stats.add_argument("--out", required=True, help="statistics .npz to write")
-    stats.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES,
-                       help="features kept for --prdc (a seeded random subset)")
+    stats.add_argument("--max-features", type=int, default=DEFAULT_MAX_FEATURES, help="features kept for "
+                       "precision / recall (a seeded random subset; ADM's reference batches hold 10,000 images)")
     add_loading_flags(stats)
 
-    evaluate = commands.add_parser("eval", help="FID (and --prdc, --spectrum-plot) of samples against a reference")
-    evaluate.add_argument("--ref", required=True, help="statistics .npz written by `fid.py stats`")
-    evaluate.add_argument("--samples", required=True, help="npz with uint8 arr_0 (or a folder of images)")
+    evaluate = commands.add_parser("eval", help="the row FID, sFID, IS, precision, recall, density, coverage")
+    evaluate.add_argument("--ref", required=True, help="statistics .npz written by `fid.py stats`, or reference "
+                          "images (an npz with arr_0, as ADM's reference batches, or a folder), measured here")
+    evaluate.add_argument("--samples", required=True, nargs="+", help="npz files with uint8 arr_0 (or folders of "
+                          "images), one row each (baseline and LPL side by side)")
     evaluate.add_argument("--inception", required=True, help=f"path to {FID_WEIGHTS_NAME}")
-    evaluate.add_argument("--prdc", action="store_true", help="precision / recall / density / coverage, on as "
-                          "many samples (a seeded random subset) as the reference stores features")
-    evaluate.add_argument("--prdc-k", type=int, default=5, help="nearest neighbours for --prdc")
-    evaluate.add_argument("--spectrum-plot", help="PNG of the samples' power spectrum against the reference's "
+    evaluate.add_argument("--prdc", action=argparse.BooleanOptionalAction, default=True,
+                          help="precision / recall (ADM, k=3) and density / coverage (on by default)")
+    evaluate.add_argument("--prdc-k", type=int, default=DEFAULT_PRDC_K, help="nearest neighbours for density / "
+                          "coverage (Naeem et al.); precision / recall use ADM's k=3")
+    evaluate.add_argument("--max-features", type=int, default=DEFAULT_MAX_SAMPLE_FEATURES, help="sample features "
+                          "kept for precision / recall (a seeded random subset above it; 4 bytes x 2048 each)")
+    evaluate.add_argument("--spectrum-plot", help="PNG of the samples' power spectra against the reference's "
                           "(samples resized to the reference's image size first, as Inception resizes)")
-    evaluate.add_argument("--json", help="report .json to write")
+    evaluate.add_argument("--json", help="report .json to write: the row of one samples file, or "
+                          "{rows, markdown} for several")
     add_loading_flags(evaluate)
 
     note = ("power spectra of image sets, the first is the reference; every image is first resized (bilinear, as "

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime import require
+
 NORMS = ("shared", "separate", "target-l2")  # see normalize
 MASK_SOURCES = ("prediction", "target", "none")  # see masks
 DEPTH_WEIGHTS = ("resolution", "uniform")  # omega_l = r_1 / r_l, or 1 (the ablation)
@@ -106,11 +108,6 @@ def outlier_mask(phi, quantile=0.02, margin=2.0, closing=1, opening=1, samples=N
 
 
 # ---- The loss -------------------------------------------------------------------------------------------
-def require(valid, name, expected, value):
-    if not valid:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
 class LatentPerceptualLoss(nn.Module):
     """LPL of Eq. (3): forward(z0_hat, z0, sigma_ratio) -> (loss, stats); per_sample: the bracket, ungated.
     n_blocks: decoder taps (1 = mid block, 5 = mid + 4 up blocks, "LPL-5 blocks"); None: all up to 5.
@@ -125,8 +122,7 @@ class LatentPerceptualLoss(nn.Module):
         taps = autoencoder.num_feature_blocks
         n_blocks = min(5, taps) if n_blocks is None else n_blocks
         # Each option is checked here, named first in its message (train.py passes its flags through).
-        require(1 <= n_blocks <= taps, "n_blocks", f"in 1..{taps} for this decoder ({taps} feature taps)",
-                n_blocks)
+        require(1 <= n_blocks <= taps, "n_blocks", f"in 1..{taps}, this decoder's feature taps", n_blocks)
         require(threshold > 0, "threshold", "positive", threshold)
         require(norm in NORMS, "norm", f"one of {NORMS}", norm)
         require(mask_from in MASK_SOURCES, "mask_from", "prediction, target or none", mask_from)
@@ -136,8 +132,7 @@ class LatentPerceptualLoss(nn.Module):
                 quantile_samples)
         require(min(margin, closing, opening) >= 0, "margin, closing and opening", ">= 0",
                 (margin, closing, opening))
-        require(max_samples is None or max_samples >= 1, "max_samples", "None or a positive count",
-                max_samples)
+        require(max_samples is None or max_samples > 0, "max_samples", "None or a positive count", max_samples)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.n_blocks, self.threshold = n_blocks, threshold  # the taps, the gate
         self.norm, self.mask_from, self.depth_weights = norm, mask_from, depth_weights  # how layers compare
@@ -153,11 +148,10 @@ class LatentPerceptualLoss(nn.Module):
     def gate(self, sigma_ratio, resolution, generator=None):
         """Indices of the samples that get the loss, how many passed delta(sigma/alpha <= tau), the weight."""
         gated = torch.nonzero(sigma_ratio <= self.tau(resolution)).squeeze(1)
-        passed = len(gated)
-        if self.max_samples is None or passed <= self.max_samples:
-            return gated, passed, 1.0
-        chosen = torch.randperm(passed, generator=generator, device=gated.device)[: self.max_samples]
-        return gated[chosen], passed, passed / self.max_samples
+        if self.max_samples is None or len(gated) <= self.max_samples:
+            return gated, len(gated), 1.0
+        chosen = torch.randperm(len(gated), generator=generator, device=gated.device)[: self.max_samples]
+        return gated[chosen], len(gated), len(gated) / self.max_samples
 
     def features(self, z0_hat, z0):
         """Eq. (2): phi (without autograd) and phi_hat, coarse to fine."""
@@ -198,10 +192,12 @@ class LatentPerceptualLoss(nn.Module):
         terms = self.layer_terms(phi, phi_hat, masks)
         return torch.stack(terms).sum(dim=0), terms, masks
 
-    def forward(self, z0_hat, z0, sigma_ratio, generator=None):
+    def forward(self, z0_hat, z0, sigma_ratio, generator=None, chosen=None):
+        """Eq. (3) over the batch. chosen: the gate's (indices, passed, weight), drawn by the caller (train.py
+        draws it over all ranks)."""
         batch = z0_hat.shape[0]
         resolution = math.sqrt(z0.shape[-2] * z0.shape[-1]) * self.autoencoder.downsample  # image side
-        gated, passed, weight = self.gate(sigma_ratio, resolution, generator)
+        gated, passed, weight = chosen or self.gate(sigma_ratio, resolution, generator)
         zero = z0_hat.new_zeros((), dtype=torch.float32)
         stats = {"gated_fraction": zero + passed / batch, "decoded_fraction": zero + len(gated) / batch}
         if len(gated) == 0:  # nothing to decode: a zero loss, no decoder call

@@ -34,6 +34,7 @@ from autoencoder import load_autoencoder
 from bench import add_row, default_device, format_report, json_ready, new_report, settings_dict
 from lpl import LatentPerceptualLoss
 from model import MODELS
+from plot import plot_spectra
 from runtime import load_checkpoint, one_line_errors, write_json, write_text
 from sample import latents_to_uint8, mmdit_model_fn, model_from_checkpoint, sample_share, write_samples
 from validation import evaluate
@@ -99,7 +100,7 @@ def replicate_spectra(sets, plot, json_path, device, log=print):
         if result["spectrum_resized"]:
             log(f"{images.path.name}: {result['spectrum_resized']} images resized to {size[0]}x{size[1]}")
     comparison = dict(fid.compare_spectra(spectra), image_size=size)
-    fid.plot_spectra(plot, comparison, "Power spectra, reference " + comparison["reference"])
+    plot_spectra(plot, comparison, "Power spectra, reference " + comparison["reference"])
     write_json(json_path, comparison)
     return comparison
 

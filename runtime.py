@@ -21,7 +21,9 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,42 @@ def atomic_output(path):
         temporary.unlink(missing_ok=True)
 
 
+def require(valid, name, expected, value):
+    """UserError "NAME must be EXPECTED, got VALUE" unless valid: the check of a library function's argument."""
+    if not valid:
+        raise UserError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_output_file(path, flag):
+    """A file a command will write, checked before it loads or computes anything: `path` is not a folder, and the
+    folder it goes in exists (or can be made) and takes a new file (probed with a nameless temporary file, so a
+    read-only disk or a missing permission shows now rather than at the end). UserError naming the flag otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; expected the path of a file to write")
+    check_writable(path.parent, flag, path)
+
+
+def check_output_folder(path, flag):
+    """A folder a command will write into, checked the same way: it is a folder or can be made, and takes files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; expected a folder (or a path where one can be made)")
+    check_writable(path, flag, path)
+
+
+def check_writable(folder, flag, path):
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: the rest can be made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder; expected a path in a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from None
+
+
 def write_text(path, text):
     with atomic_output(path) as temporary:
         temporary.write_text(text)
@@ -77,6 +115,11 @@ def write_json(path, value):
 def write_npy(path, array):
     with atomic_output(path) as temporary, open(temporary, "wb") as file:
         np.save(file, array)
+
+
+def wall_clock():
+    """The local time with its UTC offset, to the second: the `time` of every log record."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def append_jsonl(path, record):
@@ -96,6 +139,15 @@ def trim_jsonl(path, last_step):
             if json.loads(line)["step"] <= last_step:
                 kept.append(line + "\n")
     write_text(path, "".join(kept))
+
+
+def remove_stale_temporaries(folder):
+    """Removes the temporary files (.NAME.PID.tmp) that killed writers of atomic_output left in `folder`. Call it
+    only while holding the folder's lock: then no live writer owns one. Returns how many were removed."""
+    stale = list(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,8 +304,15 @@ CHECKPOINT_KEYS = ("model", "ema", "model_config", "diffusion", "args", "step") 
 def save_checkpoint(checkpoint, folder, step):
     """OUT/checkpoints/step-N.pt written to a temporary file and renamed; last.pt a hard link renamed onto it."""
     path = Path(folder) / f"step-{step:07d}.pt"
-    with atomic_output(path) as temporary:
-        torch.save(checkpoint, temporary)
+    try:
+        with atomic_output(path) as temporary:
+            torch.save(checkpoint, temporary)
+    except (OSError, RuntimeError) as error:  # torch.save says a full disk its own ways ("unexpected pos ...")
+        if shutil.disk_usage(path.parent).free > 2 ** 26 and not isinstance(error, OSError):
+            raise
+        raise UserError(f"{path} could not be written ({' '.join(str(error).split())[:200]}; {folder} has "
+                        f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free): the disk is full? The "
+                        "last good checkpoint is intact") from None
     with atomic_output(path.with_name("last.pt")) as temporary:
         try:
             os.link(path, temporary)
@@ -268,6 +327,8 @@ def load_checkpoint(path, flag="--ckpt", mmap=False):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{flag} {path} is empty (0 bytes); expected a checkpoint written by train.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch.load raises many kinds of errors on a truncated or foreign file
@@ -316,8 +377,39 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 
 def rgb_image(image):
-    """A PIL image in any mode -> an RGB PIL image."""
+    """A PIL image in any mode -> an RGB PIL image of 8-bit pixels, as ADM's and torchvision's convert("RGB") give it,
+    except where that is wrong:
+    - "I;16", "I;16B", "I;16L", "I;16N" (16-bit PNG/TIFF) and "I" (32-bit integers; old Pillow's 16-bit PNGs) are
+      scaled by the image's bit depth (16, or a TIFF's BitsPerSample), round(v * 255 / (2^bits - 1)), where
+      convert("RGB") clips every value above 255 to white;
+    - "F" (floating-point pixels) is refused: float images have no agreed range ([0, 1], [0, 255], linear HDR);
+    - "P" with transparency takes its palette colours without Pillow's warning.
+    As convert("RGB") does, alpha ("LA", "RGBA", "PA") is dropped, not composited ("P": the colour under a
+    transparent pixel is its palette entry); "CMYK" goes through Pillow's naive formula (no ICC profile); "1" and "L"
+    become grey."""
+    if image.mode == "F":
+        raise UserError(f"image {getattr(image, 'filename', '') or ''}: floating-point pixels (PIL mode F) have no "
+                        "agreed range; expected 8- or 16-bit integer pixels")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return Image.fromarray(integer_pixels_to_8_bits(image)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.copy()
+        del image.info["transparency"]  # convert("RGB") ignores it, but warns about it
     return image.convert("RGB")
+
+
+def integer_pixels_to_8_bits(image):
+    """A 16- or 32-bit single-channel PIL image -> (H, W) uint8, v * 255 / (2^bits - 1) rounded (integer arithmetic:
+    16-bit v -> v / 257)."""
+    bits = 16
+    if image.mode == "I":
+        bits = (getattr(image, "tag_v2", None) or {}).get(258, 16)  # a TIFF's BitsPerSample, e.g. (32,)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+    pixels, top = np.asarray(image).astype(np.int64), 2 ** int(bits) - 1
+    if pixels.size and (pixels.min() < 0 or pixels.max() > top):
+        raise UserError(f"image {getattr(image, 'filename', '') or ''}: PIL mode {image.mode} pixels span "
+                        f"{pixels.min()}..{pixels.max()}, expected 0..{top} ({bits}-bit)")
+    return ((pixels * 255 + top // 2) // top).astype(np.uint8)
 
 
 def center_crop_arr(image, resolution):
@@ -338,7 +430,7 @@ def to_model_images(arrays):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Processes: torchrun
+# Processes: torchrun, and the signals a cluster sends before it stops a job
 # ----------------------------------------------------------------------------------------------------------------
 
 def exit_with_parent():
@@ -363,3 +455,29 @@ def setup_distributed():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; run the same command to continue
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 (what SLURM's --signal sends before it stops a job) ask the run to stop after its
+    current step: `requested` turns True. A second signal exits at once, as the signal would have. A context
+    manager: the previous handlers come back on exit. Only the main thread may install it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __enter__(self):
+        self.requested, self.received = False, None
+        self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def handle(self, number, frame):
+        if self.requested:  # the second signal: no more waiting
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+        self.requested, self.received = True, signal.Signals(number).name
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)

@@ -3,6 +3,7 @@ that writes samples.npz for fid.py.
 
     python sample.py --ckpt run/checkpoints/last.pt --ema --num-samples 64 --out preview.npz --grid grid.png
     torchrun --nproc_per_node=8 sample.py --ckpt run/checkpoints/last.pt --ema --num-samples 50000 --out samples.npz
+    # killed? the same command continues from the shards in samples.npz.parts/ (any --batch-size, any number of ranks)
     python sample.py --ckpt text.pt --context prompts.npy --num-samples 1000 --cfg 2.0 --out text.npz
     python sample.py --ckpt DiT-XL-2-256x256.pt --backbone dit --vae sd-vae-ft-ema.safetensors \
         --sampler ddpm --steps 250 --cfg 1.5 --cfg-channels 3 --out dit.npz                   # DiT's sampler
@@ -46,12 +47,26 @@ generator, the i-th child of numpy.random.SeedSequence(seed): an independent str
 torch.Generator seeded with seed * 2**32 + i: torch's CPU generator keeps only the low 32 bits of a seed, so every
 --seed would give the same images.) Random class labels come from numpy.random.default_rng(seed). The images
 therefore do not depend on the batch size, the number of ranks or the device, up to the floating-point differences
-between kernels.
+between kernels (on the CPU the npz comes out byte-identical, as the tests check; GPU kernels chosen by batch size
+may differ by rounding).
+
+Writing at scale (run, finished_shards, write_samples): before anything loads, --out and --grid are checked (not a
+folder, a folder that exists or can be made, writable). Samples k S .. (k + 1) S - 1 (S = --shard-size) form shard k;
+ranks take the unfinished shards in turn and write each whole (atomically) into the work folder OUT.parts/ as soon
+as it is sampled, beside settings.json: everything the images depend on (meta, --labels, --context, the
+checkpoint's size and step) and S. A killed run, rerun with the same command, samples only the missing shards,
+with any --batch-size and number of ranks, and gives the same npz bytes as an uninterrupted run; a rerun with other
+settings is refused in one line, naming what differs (remove OUT.parts/ to start over). Rank 0 then streams the
+shards, 16 MiB at a time, into the npz's arr_0 member and removes OUT.parts/: no process holds more than a shard
+of images (twice, while it is concatenated), whatever --num-samples. OUT.parts/ must be on a file system every rank
+sees. A shard with NaN / Inf images stops the run, and no npz is written.
 """
 
 import argparse
 import json
 import math
+import shutil
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -63,13 +78,15 @@ from tqdm import tqdm
 
 from autoencoder import load_autoencoder
 from model import FILE_FORMATS, build_from_config, load_backbone
-from runtime import UserError, atomic_output, load_checkpoint, one_line_errors, setup_distributed, write_npy
+from runtime import (UserError, atomic_output, check_output_file, load_checkpoint, one_line_errors,
+                     remove_stale_temporaries, setup_distributed, write_json, write_npy)
 from schedules import Diffusion, resolution_shift, split_variance
 
 SAMPLERS = ("ddim", "euler", "ddpm", "sde")
 STOCHASTIC_SAMPLERS = ("ddpm", "sde")  # they draw noise at every step; ddim does with eta > 0
 SDE_LAST_STEP = 0.04  # SiT's last_step_size and REPA's last grid time: the SDE's deterministic last step, 0.04 -> 0
 GRID_MAX_IMAGES = 64
+COPY_BYTES = 2**24  # how much of a shard the assembly of the npz holds at a time (16 MiB)
 
 
 def default_cfg_scale(resolution):
@@ -431,11 +448,34 @@ def preview_images(model, diffusion, ae, latent_shape, conditions, seed, device)
     return latents_to_uint8(ae.decode(z0.to(ae.dtype)).float())
 
 
+def npz_member(archive, key):
+    """The member KEY.npy of an npz being written, as np.savez opens it: stored, zip64, zipfile's fixed 1980 date."""
+    return archive.open(f"{key}.npy", "w", force_zip64=True)
+
+
 def write_samples(path, images, labels, meta):
     """samples.npz: arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads), labels (N,) int64 (the class, the
-    --context row, or -1 for an unconditional model: meta["labels"] says which), meta a JSON string."""
-    with atomic_output(path) as temporary, open(temporary, "wb") as file:
-        np.savez(file, arr_0=images, labels=labels, meta=np.array(json.dumps(meta)))
+    --context row, or -1 for an unconditional model: meta["labels"] says which), meta a JSON string.
+
+    images: a uint8 array, or (shape, pieces): its shape and its bytes in C order, any iterable of bytes-like
+    pieces, streamed into the member after its .npy header (no process need hold all images). Either way the file
+    is byte for byte what np.savez writes of the whole array; written atomically."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ValueError(f"write_samples({path}): images must be uint8, got {images.dtype}")
+        images = images.shape, [np.ascontiguousarray(images).reshape(-1)]
+    shape, pieces = tuple(images[0]), images[1]
+    header = dict(descr=np.lib.format.dtype_to_descr(np.dtype(np.uint8)), fortran_order=False, shape=shape)
+    with atomic_output(path) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
+        with npz_member(archive, "arr_0") as stream:
+            np.lib.format.write_array_header_1_0(stream, header)
+            written = sum(stream.write(piece) for piece in pieces)
+        if written != math.prod(shape):
+            raise ValueError(f"write_samples({path}): {written} bytes of images, expected {math.prod(shape)} for "
+                             f"shape {shape}")
+        for key, value in (("labels", np.asarray(labels)), ("meta", np.array(json.dumps(meta)))):
+            with npz_member(archive, key) as stream:
+                np.lib.format.write_array(stream, value, allow_pickle=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +522,7 @@ def sample_share(model_fn, diffusion, decode, latent_shape, indices, seed, condi
             images = decode(z0).float()  # (b, 3, H, W) in [-1, 1]
         bad = nonfinite_images(images)
         nonfinite += int(bad.sum())
-        # a batch with NaN images is still counted to the end, and then nothing is written (main() refuses)
+        # a batch with NaN images is still counted to the end of the share; the caller refuses to write it
         batches.append(latents_to_uint8(images.masked_fill(bad[:, None, None, None], -1.0)))
     return np.concatenate(batches), nonfinite
 
@@ -534,22 +574,97 @@ def text_contexts(args, context_dim, parser):
     return contexts
 
 
-def gather_to_rank0(images, out, rank, world_size):
-    """Each rank's images (samples rank, rank + W, ...) -> the whole run on rank 0 (None elsewhere), through part
-    files beside `out` (no size limit, no GPU memory), removed once read."""
-    part = out.with_name(f".{out.name}.rank{rank}-of-{world_size}.npy")
-    write_npy(part, images)
-    dist.barrier()
-    if rank != 0:
-        return None
-    parts = [out.with_name(f".{out.name}.rank{r}-of-{world_size}.npy") for r in range(world_size)]
-    shares = [np.load(p, mmap_mode="r") for p in parts]
-    everything = np.empty((sum(len(s) for s in shares), *images.shape[1:]), dtype=np.uint8)
-    for r, share in enumerate(shares):
-        everything[r::world_size] = share
-    for p in parts:
-        p.unlink()
-    return everything
+# ----------------------------------------------------------------------------------------------------------------
+# Shards: each rank's images on disk as it goes, a killed run continued from them, the npz streamed from them
+# ----------------------------------------------------------------------------------------------------------------
+
+def work_folder(out):
+    """OUT.parts/, beside --out: the shards of a run in progress and settings.json, what produced them."""
+    return out.with_name(f"{out.name}.parts")
+
+
+def shard_path(folder, index):
+    return folder / f"shard-{index:06d}.npy"
+
+
+def shard_ranges(num_samples, shard_size):
+    """Shard k holds samples k S, ..., min((k + 1) S, num) - 1: runs of sample indices, so the npz is the shards
+    one after the other, whichever rank sampled them."""
+    return [range(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
+
+
+def finished_shards(out, settings, count, rank):
+    """The indices of the shards of --out already sampled for `settings` (JSON values): a shard file that exists is
+    whole (write_npy renames it into place). A work folder started with other settings is refused, never mixed in.
+    Rank 0 records the settings of a new folder and removes the temporary files of writers a kill stopped. Every
+    rank calls it before any rank writes a shard (a barrier after it), so all list the same shards."""
+    folder, settings = work_folder(out), json.loads(json.dumps(settings))  # as settings.json gives them back
+    record = folder / "settings.json"
+    if record.is_file():
+        started = json.loads(record.read_text())
+        changed = sorted(key for key in settings.keys() | started.keys() if settings.get(key) != started.get(key))
+        if changed:
+            was = "; ".join(f"{key} {started.get(key)!r} there, {settings.get(key)!r} now" for key in changed)
+            raise UserError(f"--out {out}: its work folder {folder} holds the shards of other settings ({was}): "
+                            f"rerun the command that started it, or remove the folder to start over")
+    elif folder.is_dir() and any(folder.glob("shard-*.npy")):
+        raise UserError(f"--out {out}: its work folder {folder} holds shards but no settings.json: remove it")
+    done = [k for k in range(count) if shard_path(folder, k).is_file()]
+    if rank == 0:
+        remove_stale_temporaries(folder)
+        if not record.is_file():
+            write_json(record, settings)
+    return done
+
+
+def sample_shards(out, todo, ranges, sample_range, progress):
+    """Samples this rank's shards `todo`, writing each whole as soon as it is done."""
+    folder = work_folder(out)
+    with tqdm(total=sum(len(ranges[k]) for k in todo), unit="img", desc="sampling", disable=not progress) as bar:
+        for k in todo:
+            write_npy(shard_path(folder, k), sample_range(ranges[k]))
+            bar.update(len(ranges[k]))
+
+
+def read_npy_header(stream):
+    """(shape, fortran_order, dtype) of the .npy file open in `stream`, leaving it at the start of the data."""
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(stream)
+
+
+def shard_bytes(folder, ranges, image_shape):
+    """The images of all shards as raw bytes in sample-index order, COPY_BYTES at a time (never a whole shard)."""
+    for k, indices in enumerate(ranges):
+        with open(shard_path(folder, k), "rb") as shard:
+            found, expected = read_npy_header(shard), ((len(indices), *image_shape), False, np.dtype(np.uint8))
+            if found != expected:
+                raise UserError(f"{shard.name} holds {found}, expected {expected}: remove {folder} to start over")
+            while piece := shard.read(COPY_BYTES):
+                yield piece
+
+
+def first_images(folder, ranges, count):
+    """The first `count` images of the run, read from its first shards (for the grid)."""
+    taken = []
+    for k in range(len(ranges)):
+        missing = count - sum(len(images) for images in taken)
+        if missing <= 0:
+            break
+        taken.append(np.array(np.load(shard_path(folder, k), mmap_mode="r")[:missing]))
+    return np.concatenate(taken)
+
+
+def assemble(out, grid, ranges, labels, meta):
+    """Rank 0, once every shard is written: the npz streamed from the shards, the grid, then OUT.parts/ removed."""
+    folder, image_shape = work_folder(out), (meta["resolution"], meta["resolution"], 3)
+    shape = (ranges[-1].stop, *image_shape)
+    write_samples(out, (shape, shard_bytes(folder, ranges, image_shape)), labels, meta)
+    print(f"wrote {out}: {shape} uint8, {meta}")
+    if grid:
+        save_grid(first_images(folder, ranges, GRID_MAX_IMAGES), grid)
+        print(f"wrote {grid}")
+    shutil.rmtree(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +685,8 @@ def parse_args(argv):
     parser.add_argument("--num-samples", type=int, default=50_000, help="number of images (50k for FID)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (network evaluations)")
     parser.add_argument("--cfg", type=float, default=None,
-                        help="guidance scale w (default: 1.5 below 512 px, 2.0 from 512; 1 for unconditional models)")
+                        help="guidance scale w >= 0 (default: 1.5 below 512 px, 2.0 from 512; 1 for unconditional "
+                             "models); 0 is the unconditional prediction, 0 < w < 1 lies between the two")
     parser.add_argument("--cfg-channels", type=int, default=None,
                         help="guide only the first C latent channels, the rest from the conditional half (DiT's and "
                              "SiT's published numbers: 3); default: all")
@@ -585,6 +701,9 @@ def parse_args(argv):
                         help="equal counts per class: sample i gets class i mod num_classes")
     parser.add_argument("--context", default=None, help="(num, L, D) .npy text embeddings (text models)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
+    parser.add_argument("--shard-size", type=int, default=256,
+                        help="images per shard file in the work folder OUT.parts/: what a kill loses per rank, and "
+                             "what bounds the images a process holds (two shards' worth)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None,
                         help="default: ddim for eps/v, euler for flow; ddpm: DiT's (DDPM models), sde: SiT's and "
                              "REPA's (flow models)")
@@ -592,8 +711,11 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                         help="network and decoder precision (default: bf16 on CUDA, fp32 on CPU)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1 or args.steps < 1:
-        parser.error("--num-samples, --batch-size and --steps must be positive")
+    if args.num_samples < 1 or args.batch_size < 1 or args.steps < 1 or args.shard_size < 1:
+        parser.error("--num-samples, --batch-size, --steps and --shard-size must be positive")
+    if args.cfg is not None and not args.cfg >= 0:  # also NaN
+        parser.error(f"--cfg must be >= 0 (0 is the unconditional prediction, 1 the conditional one; scales in "
+                     f"between are legal), got {args.cfg}")
     if args.seed < 0:
         parser.error(f"--seed must be non-negative (numpy SeedSequence entropy), got {args.seed}")
     if Path(args.out).suffix != ".npz":
@@ -643,7 +765,9 @@ def sampler_settings(parser, args, diffusion, channels):
                 guidance_interval=tuple(args.guidance_interval or (0.0, 1.0)))
 
 
-def run(parser, args, rank, world_size, device):
+def sampling_job(parser, args, rank, device):
+    """Everything before the sampling: the model, the autoencoder and the condition of every sample, checked.
+    -> (sample_range(indices) -> uint8 (n, H, W, 3) images of those sample indices, labels (num,), meta)."""
     model, diffusion, checkpoint = load_model(args)
     model.to(device)
     settings = sampler_settings(parser, args, diffusion, model.in_channels)
@@ -692,35 +816,62 @@ def run(parser, args, rank, world_size, device):
             parser.error(f"--cfg {args.cfg} needs a conditional model; {args.ckpt} is unconditional")
     cfg_scale = args.cfg if args.cfg is not None else default_cfg_scale(resolution) if conditions is not None else 1.0
 
-    images, nonfinite = sample_share(
-        model_fn, diffusion, lambda z: autoencoder.decode(z.to(precision)), latent_shape,
-        range(rank, args.num_samples, world_size), args.seed, conditions, lambda cond: null_condition(model, cond),
-        args.batch_size, args.steps, settings["sampler"], cfg_scale, args.eta, device,
-        autocast_dtype=torch.bfloat16 if dtype == "bf16" else None, progress=rank == 0,
-        cfg_channels=settings["cfg_channels"], guidance_interval=settings["guidance_interval"])
-
-    out = Path(args.out)
-    if world_size > 1:
-        count = torch.tensor([nonfinite], device=device)
-        dist.all_reduce(count)
-        nonfinite = int(count.item())
-    if nonfinite:
-        raise RuntimeError(f"{nonfinite} of {args.num_samples} decoded images hold NaN/Inf: {out} not written")
-    if world_size > 1:
-        images = gather_to_rank0(images, out, rank, world_size)
-    if rank != 0:
-        return
     meta = dict(sampler=settings["sampler"], steps=args.steps, cfg=cfg_scale,
                 cfg_channels=settings["cfg_channels"] or model.in_channels,
                 guidance_interval=list(settings["guidance_interval"]), eta=args.eta,
                 backbone=getattr(model, "backbone", None), seed=args.seed, checkpoint=str(args.ckpt), ema=args.ema,
                 vae=str(vae), step=int(checkpoint["step"]) if checkpoint else None, objective=diffusion.objective,
                 num=args.num_samples, dtype=dtype, resolution=resolution, labels=label_kind)
-    write_samples(out, images, labels, meta)
-    print(f"wrote {out}: {images.shape} uint8, {meta}")
-    if args.grid:
-        save_grid(images[:GRID_MAX_IMAGES], args.grid)
-        print(f"wrote {args.grid}")
+
+    def sample_range(indices):
+        images, nonfinite = sample_share(
+            model_fn, diffusion, lambda z: autoencoder.decode(z.to(precision)), latent_shape, indices, args.seed,
+            conditions, lambda cond: null_condition(model, cond), args.batch_size, args.steps, settings["sampler"],
+            cfg_scale, args.eta, device, autocast_dtype=torch.bfloat16 if dtype == "bf16" else None,
+            cfg_channels=settings["cfg_channels"], guidance_interval=settings["guidance_interval"])
+        if nonfinite:
+            raise RuntimeError(f"{nonfinite} of {len(indices)} decoded images hold NaN/Inf (samples {indices.start} "
+                               f"to {indices.stop - 1}): {args.out} not written")
+        return images
+    return sample_range, labels, meta
+
+
+def check_output_paths(args):
+    """--out, its work folder and --grid, before anything loads (runtime.check_output_file)."""
+    out = Path(args.out)
+    check_output_file(out, "--out")
+    if work_folder(out).exists() and not work_folder(out).is_dir():
+        raise UserError(f"--out {out}: its work folder {work_folder(out)} is a file; expected a folder or nothing")
+    if args.grid is not None:
+        check_output_file(args.grid, "--grid")
+
+
+def work_settings(args, meta):
+    """What the images of a shard depend on (meta, --labels, --context, the checkpoint's size), and the shard size.
+    Not --batch-size nor the number of ranks: they change no image (on the CPU; see the module docstring)."""
+    ckpt = Path(args.ckpt)
+    return dict(meta, labels_given=args.labels, context=args.context, shard_size=args.shard_size,
+                checkpoint_bytes=ckpt.stat().st_size if ckpt.is_file() else None)
+
+
+def barrier(world_size):
+    if world_size > 1:
+        dist.barrier()
+
+
+def run(parser, args, rank, world_size, device):
+    check_output_paths(args)
+    sample_range, labels, meta = sampling_job(parser, args, rank, device)
+    out, ranges = Path(args.out), shard_ranges(args.num_samples, args.shard_size)
+    done = finished_shards(out, work_settings(args, meta), len(ranges), rank)
+    if done and rank == 0:
+        print(f"{work_folder(out)}: {len(done)} of {len(ranges)} shards already sampled, sampling the rest")
+    barrier(world_size)  # every rank has listed the finished shards before any rank writes one
+    todo = sorted(set(range(len(ranges))) - set(done))[rank::world_size]
+    sample_shards(out, todo, ranges, sample_range, progress=rank == 0)
+    barrier(world_size)
+    if rank == 0:
+        assemble(out, args.grid, ranges, labels, meta)
 
 
 if __name__ == "__main__":

@@ -362,21 +362,26 @@ class Diffusion:
 
     # -- training-time t ----------------------------------------------------------------------------------------
 
-    def sample_t(self, n, device=None, generator=None):
-        """n training times. DDPM: uniform over its discrete steps. Flow: mode / logit-normal / uniform, then the
-        resolution shift. Drawn on the generator's device (the CPU by default), returned on `device`."""
-        gen_device = generator.device if generator is not None else torch.device("cpu")
+    def times_from_uniform(self, u):
+        """Training times from u ~ U[0, 1), one per sample (B,) float64: DDPM's uniform steps k = floor(u K) at
+        t = (k + 1) / K; flow's mode with heavy tails f(u), logit-normal sigmoid(m + s Phi^-1(u)) or u itself, then
+        the resolution shift. train.py draws u keyed by the sample's position, sample_t from a generator."""
+        u = torch.as_tensor(u, dtype=torch.float64)
         if not self.is_flow:
-            steps = torch.randint(0, self.num_steps, (n,), generator=generator, device=gen_device)
-            t = (steps + 1).float() / self.num_steps
+            steps = (u * self.num_steps).floor().clamp(max=self.num_steps - 1)
+            return (steps + 1) / self.num_steps
+        if self.time_sampling == "logit_normal":
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+        elif self.time_sampling == "mode":
+            t = mode_with_heavy_tails(u, self.mode_scale)
         else:
-            if self.time_sampling == "logit_normal":
-                normal = torch.randn(n, generator=generator, device=gen_device)
-                t = torch.sigmoid(self.logit_mean + self.logit_std * normal)
-            else:
-                u = torch.rand(n, generator=generator, device=gen_device)
-                t = mode_with_heavy_tails(u, self.mode_scale) if self.time_sampling == "mode" else u
-            t = resolution_shift(t, self.shift)
+            t = u
+        return resolution_shift(t, self.shift)
+
+    def sample_t(self, n, device=None, generator=None):
+        """n training times (float32), times_from_uniform of n uniforms from `generator` (a CPU torch.Generator, or
+        None for the global RNG), returned on `device`."""
+        t = self.times_from_uniform(torch.rand(n, generator=generator, dtype=torch.float64)).float()
         return t.to(device) if device is not None else t
 
     def __repr__(self):

@@ -9,6 +9,7 @@ skip elsewhere.
 
 import argparse
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -18,7 +19,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +33,29 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from scipy.spatial.distance import cdist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import autoencoder as A
 import bench
 import data as data_lib
+import encode as encode_lib
 import fid
+import inception
 import model as model_lib
+import plot
+import runtime
+import sample as sample_module
 import train
 from autoencoder import build_kl_autoencoder, save_autoencoder
-from data import EpochSampler, LatentDataset
+from data import EpochSampler, LatentDataset, Prefetcher, check_dataset
 from lpl import LatentPerceptualLoss, normalize, odd_kernel, outlier_mask
 from model import MODELS, MMDiT, backbone_diffusion, backbone_state_dict, build_model
 from sample import (ddim_step, ddpm_step, default_cfg_scale, latents_to_uint8, main, mmdit_model_fn, null_condition,
-                    respaced_steps, sample, sample_share, sampling_times, save_grid, sde_step)
+                    respaced_steps, sample, sample_share, sampling_times, save_grid, sde_step, shard_ranges,
+                    work_folder, write_samples)
+from runtime import UserError, rgb_image
 from schedules import (Diffusion, linear_alphas_cumprod, mode_with_heavy_tails, resolution_shift,
                        scaled_linear_alphas_cumprod, split_variance)
 from train import Trainer, check_args, parse_args, update_ema, warmed_up, weights_checksum
@@ -917,10 +929,6 @@ def test_conditioning_and_modulation_stay_float32_under_bf16_autocast():
 # The public ImageNet models: DiT, SiT and REPA's SiT in their layout, post-trained, exported
 # ----------------------------------------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------------------------
-# The public ImageNet models: their layout in, their layout out, their conventions through the adapter
-# ----------------------------------------------------------------------------------------------------------------
-
 def released_state_dict(backbone, depth=2, hidden=1152, patch=2, grid=16, classes=1000, seed=0):
     """A state dict with the key names and shapes of DiT's / SiT's models.py and REPA's models/sit.py (XL/2 by
     default: hidden 1152, 16 x 16 patches of 32 x 32 x 4 latents), written out here from their code, random values."""
@@ -1046,12 +1054,10 @@ def test_post_training_a_dit_checkpoint_with_lpl_resumes_bit_exactly(tmp_path, d
     run(tmp_path / "resumed", "--steps", 2, "--ckpt-every", 2, "--init-from", dit_file, "--backbone", "dit")
     run(tmp_path / "resumed", "--steps", 5, "--ckpt-every", 2, "--resume", "last")  # the model from the checkpoint
     straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
-    drop = ("img_per_s", "peak_memory_gb")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in resumed]
+    assert without_timing(straight) == without_timing(resumed)
     assert all(r["vb"] > 0 and r["lpl"] > 0 for r in straight)  # the hybrid loss and LPL, every step
     a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    for key in ("model", "ema", "optimizer", "rng", "data"):
+    for key in ("model", "ema", "optimizer", "data"):
         assert_same(a[key], b[key], key)
     assert a["model_config"]["backbone"] == "dit" and a["args"]["objective"] == "eps"
     assert a["diffusion"]["beta_schedule"] == "linear"
@@ -1729,7 +1735,7 @@ def test_encode_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt  # what a kill looks like from inside the loop
         return crop(image, resolution)
 
-    monkeypatch.setattr(data_lib, "center_crop_arr", killed_at_the_tenth_image)
+    monkeypatch.setattr(encode_lib, "center_crop_arr", killed_at_the_tenth_image)
     with pytest.raises(KeyboardInterrupt):
         data_lib.encode_folder(encode_args(vae, kodak, tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "latents.npy").exists() and not (tmp_path / "resumed" / "meta.json").exists()
@@ -1770,6 +1776,439 @@ def test_roundtrip_cli(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a multiple of 8"):
         data_lib.main(["roundtrip", "--vae", str(shared_file("weights/taef2_decoder.pth")), "--image",
                 str(shared_file("data/kodak/kodim03.png")), "--out", str(tmp_path / "x.png"), "--resolution", "100"])
+
+
+# ==================================================================================================================
+# data.py and encode.py: checks of the rows, reads off the training thread, encodes that cannot half-replace a
+# dataset, every image mode
+# ==================================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encode: a stand-in autoencoder, image folders
+# ----------------------------------------------------------------------------------------------------------------
+
+class PoolAE:
+    """What encode_folder uses of an autoencoder: 3 latent channels, /8 by average pooling. A white image encodes
+    to NaN (a broken encoder); kill_at: the encode call that raises KeyboardInterrupt (a kill)."""
+    latent_channels, downsample, family, scaling_factor, shift_factor = 3, 8, "pool", 1.0, 0.0
+
+    def __init__(self, kill_at=None):
+        self.files, self.calls, self.kill_at = [str(REPO / "data.py")], 0, kill_at
+
+    def describe(self):
+        return "8x8 average pool"
+
+    def encode(self, images):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise KeyboardInterrupt
+        latents = F.avg_pool2d(images, 8)
+        white = images.flatten(1).amin(1) == 1
+        latents[white] = float("nan")
+        return latents
+
+
+def gray_images(folder, levels=(0, 40, 80, 120, 160, 200), white=()):
+    """32x32 PNGs: one grey level each (name = its index), and white ones named in `white`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, level in enumerate(levels):
+        Image.new("L", (32, 32), level).save(folder / f"img{i}.png")
+    for name in white:
+        Image.new("L", (32, 32), 255).save(folder / name)
+    return folder
+
+
+def folder_state(folder):
+    """{relative path: bytes} of every file under a folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_encode_refuses_non_finite_latents_naming_the_images_in_one_line(tmp_path, monkeypatch):
+    images = gray_images(tmp_path / "images", white=["white-a.png", "white-b.png"])
+    out = tmp_path / "ds"
+    with pytest.raises(UserError) as error:
+        data_lib.encode_folder(encode_args(None, images, out), ae=PoolAE())
+    message = str(error.value)
+    assert "\n" not in message and "non-finite latents" in message
+    assert "2 images" in message and "white-a.png" in message and "white-b.png" in message
+    assert "nothing was written as complete" in message
+    assert f"{tmp_path / 'ds.partial'} keeps the progress" in message and "resume" in message and "delete" in message
+    assert not out.exists() and (tmp_path / "ds.partial" / "rank0-of-1" / "progress.json").exists()
+    assert not (tmp_path / "ds.partial" / "encode.lock").exists()
+    # on the command line: one line, exit status 1
+    monkeypatch.setattr(encode_lib, "load_autoencoder", lambda *args, **kwargs: PoolAE())
+    with pytest.raises(SystemExit) as exit:
+        data_lib.main(["encode", "--vae", "any", "--images", str(images), "--out", str(out), "--resolution", "32",
+                       "--workers", "0", "--device", "cpu"])
+    assert str(exit.value).startswith("data.py encode: error: ") and "white-a.png" in str(exit.value)
+    assert "\n" not in str(exit.value) and not out.exists()
+    # a white image in the first batch: nothing to resume, nothing left behind
+    first = gray_images(tmp_path / "first", levels=(10,), white=["a-white.png"])
+    with pytest.raises(UserError, match=r"for 1 images: .*a-white\.png; expected finite values, nothing was written as "
+                                        r"complete$"):
+        data_lib.encode_folder(encode_args(None, first, tmp_path / "ds2"), ae=PoolAE())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.partial", "first", "images"]
+
+
+def test_encode_replaces_a_dataset_only_when_complete_resumes_and_leaves_nothing_behind(tmp_path, capsys):
+    images = gray_images(tmp_path / "images")
+    out = tmp_path / "ds"
+    data_lib.encode_folder(encode_args(None, images, out), ae=PoolAE())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "images"]  # no ds.partial, no _partial
+    assert sorted(p.name for p in out.iterdir()) == ["latents.npy", "meta.json"]
+    first = folder_state(out)
+    # a second encode (other settings) killed after its first batch: the complete dataset is untouched
+    with pytest.raises(KeyboardInterrupt):
+        data_lib.encode_folder(encode_args(None, images, out, flip=True), ae=PoolAE(kill_at=2))
+    assert folder_state(out) == first
+    assert "ds.partial keeps the progress: rerun the same command to resume, or delete it" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ds.partial" / "rank0-of-1" / "progress.json").read_text())["done"] == 4
+    # the rerun resumes from ds.partial and then replaces ds
+    ae = PoolAE()
+    data_lib.encode_folder(encode_args(None, images, out, flip=True), ae=ae)
+    assert "resuming" in capsys.readouterr().out and ae.calls == 1  # only the second batch was encoded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "images"]
+    assert sorted(p.name for p in out.iterdir()) == ["latents.npy", "latents_flip.npy", "meta.json"]
+    latents = np.load(out / "latents.npy")
+    assert latents.shape == (6, 3, 4, 4) and np.allclose(latents[:, 0, 0, 0], np.arange(0, 240, 40) / 127.5 - 1,
+                                                         atol=1e-3)
+    assert np.array_equal(latents, np.load(out / "latents_flip.npy"))  # grey images are their own mirror
+    assert json.loads((out / "meta.json").read_text())["flip_latents"] == "latents_flip.npy"
+
+
+def test_a_second_encode_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    images, out = gray_images(tmp_path / "images"), tmp_path / "ds"
+    partial = encode_lib.partial_folder(out)
+    with encode_lib.encode_lock(partial, rank=0):  # what a running encode holds
+        with pytest.raises(UserError, match=f"--out {out}: in use by PID {os.getpid()} "):
+            data_lib.encode_folder(encode_args(None, images, out), ae=PoolAE())
+        assert (partial / "encode.lock").read_text() == f"{os.getpid()}\n"
+    assert not partial.exists()
+    data_lib.encode_folder(encode_args(None, images, out), ae=PoolAE())  # the lock is free again
+    assert (out / "meta.json").exists()
+
+
+def test_encode_never_replaces_a_folder_holding_other_files(tmp_path):
+    images, out = gray_images(tmp_path / "images"), tmp_path / "ds"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*ds holds notes.txt, which an encode does not write"):
+        data_lib.encode_folder(encode_args(None, images, out), ae=PoolAE())
+    assert folder_state(out) == {"notes.txt": b"mine"} and not encode_lib.partial_folder(out).exists()
+    with pytest.raises(UserError, match="expected the dataset folder's own name"):
+        encode_lib.partial_folder(Path("."))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runtime.rgb_image: every PIL mode an image file opens in
+# ----------------------------------------------------------------------------------------------------------------
+
+def saved(image, path, **options):
+    image.save(path, **options)
+    return path
+
+
+def reopened_rgb(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's palette-transparency warning would fail here
+        with Image.open(path) as image:
+            return np.asarray(rgb_image(image))
+
+
+def sixteen_bit(mode, values):
+    byte_order = ">" if mode == "I;16B" else "<"
+    return Image.frombytes(mode, (len(values), 1), np.asarray(values, dtype=f"{byte_order}u2").tobytes())
+
+
+def test_sixteen_and_thirty_two_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
+    values, expected = [0, 25700, 30000, 65535], [0, 100, 117, 255]  # round(v / 257)
+    png = saved(sixteen_bit("I;16", values), tmp_path / "i16.png")
+    tiff_big_endian = saved(sixteen_bit("I;16B", values), tmp_path / "i16b.tiff")
+    assert Image.open(png).mode == "I;16" and Image.open(tiff_big_endian).mode == "I;16B"
+    for path in (png, tiff_big_endian):
+        assert reopened_rgb(path)[0].tolist() == [[v] * 3 for v in expected], path
+    for mode in ("I;16L", "I;16"):  # in memory (Pillow writes no I;16L file)
+        assert np.asarray(rgb_image(sixteen_bit(mode, values)))[0, :, 1].tolist() == expected
+    # mode "I": 16-bit unless a TIFF says otherwise (32 bits: v * 255 / (2^32 - 1))
+    assert np.asarray(rgb_image(Image.fromarray(np.array([values], np.int32))))[0, :, 2].tolist() == expected
+    tiff32 = saved(Image.fromarray(np.array([[0, 2 ** 24, 2 ** 31 - 1]], np.int32)), tmp_path / "i32.tiff")
+    assert Image.open(tiff32).mode == "I" and reopened_rgb(tiff32)[0, :, 0].tolist() == [0, 1, 127]
+    with pytest.raises(UserError, match=r"PIL mode I pixels span -1\.\.70000, expected 0\.\.65535 \(16-bit\)"):
+        rgb_image(Image.fromarray(np.array([[-1, 70000]], np.int32)))
+    # the encoder's reader and fid.py's read the 16-bit PNG the same way: not white
+    crop = encode_lib.ImageFiles([png], 4)[0][1]
+    assert crop.shape == (3, 4, 4) and crop.float().mean() < 200
+    (tmp_path / "fid").mkdir()
+    saved(sixteen_bit("I;16", values), tmp_path / "fid" / "a.png")
+    assert fid.ImageFolder(tmp_path / "fid")[0][:, 0].tolist() == [expected] * 3
+
+
+def test_float_images_are_refused_in_one_line_and_skipped_by_the_encoder(tmp_path):
+    path = saved(Image.fromarray(np.full((8, 8), 0.5, np.float32)), tmp_path / "f.tiff")
+    assert Image.open(path).mode == "F"
+    with pytest.raises(UserError, match=r"image .*f\.tiff: floating-point pixels \(PIL mode F\) have no agreed range"):
+        reopened_rgb(path)
+    index, image, error = encode_lib.ImageFiles([path], 8)[0]
+    assert image is None and "floating-point pixels" in error  # encode lists it as an unreadable image it skipped
+
+
+def test_palette_alpha_cmyk_binary_and_grey_images_become_rgb_as_convert_rgb_does(tmp_path):
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    for name, options in (("p-int.png", dict(transparency=0)), ("p-bytes.png", dict(transparency=bytes([0, 128]))),
+                          ("p.gif", dict(transparency=0))):
+        path = saved(palette, tmp_path / name, **options)
+        assert Image.open(path).mode == "P" and "transparency" in Image.open(path).info
+        assert reopened_rgb(path)[0].tolist() == [[255, 0, 0], [0, 255, 0]], name  # palette colours, no warning
+    cases = [(Image.new("LA", (2, 1), (100, 0)), "la.png", [100, 100, 100]),  # alpha dropped, not composited
+             (Image.new("RGBA", (2, 1), (10, 20, 30, 0)), "rgba.png", [10, 20, 30]),
+             (Image.new("CMYK", (2, 1), (0, 255, 255, 0)), "cmyk.tiff", [255, 0, 0]),
+             (Image.new("1", (2, 1), 1), "binary.png", [255, 255, 255]),
+             (Image.new("L", (2, 1), 77), "grey.png", [77, 77, 77])]
+    for image, name, pixel in cases:
+        path = saved(image, tmp_path / name)
+        assert Image.open(path).mode == image.mode
+        assert reopened_rgb(path)[0].tolist() == [pixel, pixel], name
+    cmyk_jpeg = saved(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=100)
+    assert np.abs(reopened_rgb(cmyk_jpeg)[0, 0].astype(int) - [255, 0, 0]).max() <= 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# meta.json: one-line errors naming the file and the key
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("meta, fragment", [
+    ([1, 2], "holds a list, expected a JSON object of keys"),
+    ({"resolution": "abc"}, '"resolution" is "abc", expected the image side in pixels (a positive integer)'),
+    ({"resolution": 0}, '"resolution" is 0, expected'),
+    ({"class_names": [1, 2], "resolution": 64}, '"class_names" is [1, 2], expected a list of strings'),
+    ({"class_names": "cat dog"}, '"class_names" is "cat dog", expected a list of strings'),
+    ({"scaling_factor": "0.18"}, '"scaling_factor" is "0.18", expected a number'),
+], ids=["list", "resolution-abc", "resolution-0", "class-names-ints", "class-names-string", "scaling-string"])
+def test_bad_meta_json_is_a_one_line_error_naming_the_file_and_the_key(tmp_path, meta, fragment):
+    root = write_dataset(tmp_path / "data", count=8)
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as error:
+        LatentDataset(root)
+    assert str(error.value).startswith(f"--data: {root / 'meta.json'}") and fragment in str(error.value)
+    assert "\n" not in str(error.value)
+    report = check_dataset(root)  # check reports it as a problem of the dataset
+    assert not report["clean"] and any(fragment in problem for problem in report["problems"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# check: bad rows by dataset index, chunk by chunk, nothing changed
+# ----------------------------------------------------------------------------------------------------------------
+
+def poisoned_dataset(root):
+    """Two shards of 8 rows with flipped copies and posterior stds (N = 16, 32 indices), and one bad thing each:
+    shard a: latents row 3 NaN (index 3), std row 1 negative (index 1); shard b: flipped latents row 2 inf (index
+    16 + 8 + 2 = 26), label of row 5 is 7 of 4 classes (indices 13 and 29)."""
+    for name in ("a", "b"):
+        shard = write_dataset(root / name, count=8, flips=True)
+        for std in ("latents_std.npy", "latents_flip_std.npy"):
+            np.save(shard / std, np.full((8, 4, 8, 8), 0.1, np.float16))
+    latents = np.load(root / "a" / "latents.npy")
+    latents[3, 1, 2, 3] = np.nan
+    np.save(root / "a" / "latents.npy", latents)
+    std = np.load(root / "a" / "latents_std.npy")
+    std[1, 0, 0, 0] = -0.1
+    np.save(root / "a" / "latents_std.npy", std)
+    flipped = np.load(root / "b" / "latents_flip.npy")
+    flipped[2, 3, 7, 7] = np.inf
+    np.save(root / "b" / "latents_flip.npy", flipped)
+    labels = np.load(root / "b" / "labels.npy")
+    labels[5] = 7
+    np.save(root / "b" / "labels.npy", labels)
+    return root
+
+
+def test_check_reports_bad_rows_by_dataset_index_and_changes_nothing(tmp_path, capsys):
+    clean = write_dataset(tmp_path / "clean", count=8, flips=True)
+    assert data_lib.main(["check", str(clean)])["clean"] and "check: clean: 0 bad rows" in capsys.readouterr().out
+    root = poisoned_dataset(tmp_path / "data")
+    before = folder_state(root)
+    report = check_dataset(root)
+    assert report["bad_rows"] == {"latents.npy: not finite": [3], "latents_std.npy: not finite, or negative": [1],
+                                  "latents_flip.npy: not finite": [26], "labels.npy: outside 0..3": [13, 29]}
+    assert report["rows"] == [1, 3, 13, 26, 29] and report["problems"] == [] and not report["clean"]
+    assert (report["count"], report["size"], [s["first_index"] for s in report["shards"]]) == (16, 32, [0, 8])
+    assert check_dataset(root, chunk_bytes=1) == report  # one row at a time finds the same
+    assert folder_state(root) == before
+    # the indices are LatentDataset's (once the labels are fixed, it opens the dataset)
+    labels = np.load(root / "b" / "labels.npy")
+    labels[5] = 1
+    np.save(root / "b" / "labels.npy", labels)
+    dataset = LatentDataset(root)
+    assert not torch.isfinite(dataset.get([3, 26])[0]).flatten(1).all(1).any()
+    assert (dataset.get_std([1])[0] < 0).any() and torch.isfinite(dataset.get([0, 2, 4, 16, 27])[0]).all()
+
+
+def test_check_command_line_prints_the_indices_writes_json_and_exits_1(tmp_path, capsys):
+    root = poisoned_dataset(tmp_path / "data")
+    meta = json.loads((root / "b" / "meta.json").read_text())
+    (root / "b" / "meta.json").write_text(json.dumps({**meta, "count": 9}))
+    with pytest.raises(SystemExit) as exit:
+        data_lib.main(["check", str(root), "--json", str(tmp_path / "report.json")])
+    assert exit.value.code == 1
+    out = capsys.readouterr().out
+    assert "check: latents_flip.npy: not finite: 1 rows, at dataset indices 26" in out
+    assert "check: labels.npy: outside 0..3: 2 rows, at dataset indices 13, 29" in out
+    assert f'check: problem: {root / "b" / "meta.json"}: "count" is 9, {root / "b" / "latents.npy"} holds 8' in out
+    assert "check: NOT clean: 5 bad rows, 1 problems" in out
+    assert json.loads((tmp_path / "report.json").read_text())["rows"] == [1, 3, 13, 26, 29]
+    help_text = data_lib.build_parser()._subparsers._group_actions[0].choices["check"].format_help()
+    assert "Exit status: 0 if the dataset is clean, 1 if it found bad rows" in " ".join(help_text.split())
+
+
+def test_check_reports_files_it_cannot_use_and_shards_that_disagree(tmp_path):
+    root = tmp_path / "data"
+    write_dataset(root / "a", count=8, flips=True)
+    write_dataset(root / "b", count=8)  # no flipped copies
+    (root / "c").mkdir()
+    np.save(root / "c" / "latents.npy", np.zeros((8, 4, 8, 8), np.float32))  # float32, no meta.json
+    report = check_dataset(root)
+    problems = " | ".join(report["problems"])
+    assert f"{root / 'c' / 'meta.json'} is missing" in problems
+    assert f"{root / 'c' / 'latents.npy'} is float32 (8, 4, 8, 8), expected float16" in problems
+    assert "only 1 of 2 shards hold latents_flip.npy" in problems and not report["clean"]
+    assert not report["flips"] and report["size"] == 16  # c's rows are unusable
+
+
+def test_check_reads_a_shard_in_bounded_memory(tmp_path):
+    root = tmp_path / "big"
+    root.mkdir()
+    latents = np.lib.format.open_memmap(root / "latents.npy", mode="w+", dtype=np.float16, shape=(20000, 4, 16, 16))
+    latents[:] = 0
+    latents[19999, 3, 15, 15] = np.nan
+    latents.flush()
+    del latents
+    (root / "meta.json").write_text(json.dumps({"resolution": 128, "count": 20000}))  # a 41 MB shard
+    tracemalloc.start()
+    report = check_dataset(root, chunk_bytes=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report["rows"] == [19999] and peak < 4 << 20, peak  # a 1 MB chunk and its isfinite mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# get(dtype=None): the rows as stored, for a cast on the device
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_get_with_dtype_none_keeps_the_stored_float16(tmp_path):
+    root = write_dataset(tmp_path / "text", count=8, conditioning="context", flips=True)
+    np.save(root / "latents_std.npy", np.full((8, 4, 8, 8), 0.25, np.float16))
+    np.save(root / "latents_flip_std.npy", np.full((8, 4, 8, 8), 0.5, np.float16))
+    dataset, indices = LatentDataset(root), [9, 2, 15, 2]
+    latents, context = dataset.get(indices, dtype=None)
+    assert latents.dtype == context.dtype == torch.float16
+    want_latents, want_context = dataset.get(indices)  # today's default: float32
+    assert want_latents.dtype == want_context.dtype == torch.float32
+    assert torch.equal(latents.float(), want_latents) and torch.equal(context.float(), want_context)
+    std = dataset.get_std(indices, dtype=None)
+    assert std.dtype == torch.float16 and torch.equal(std.float(), dataset.get_std(indices))
+    assert std[:, 0, 0, 0].tolist() == [0.5, 0.25, 0.5, 0.25]
+    labels = LatentDataset(write_dataset(tmp_path / "labels", count=8)).get([1, 2], dtype=None)[1]
+    assert labels.dtype == torch.int64 and labels.tolist() == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefetcher: in order, exceptions at next(), a clean close
+# ----------------------------------------------------------------------------------------------------------------
+
+def counting(stop_at=None, fail_at=None, delays=None):
+    """A producer of {"step": i, "x": tensor} items, 0, 1, 2, ...; it raises at fail_at, ends at stop_at."""
+    state = dict(step=0)
+
+    def produce():
+        step = state["step"]
+        state["step"] += 1
+        if delays is not None:
+            time.sleep(delays[step % len(delays)])
+        if step == fail_at:
+            raise ValueError(f"unreadable batch {step}")
+        if step == stop_at:
+            raise StopIteration
+        return dict(step=step, x=torch.full((2,), float(step)))
+    return produce
+
+
+def test_prefetcher_gives_the_items_in_production_order_and_leaves_no_thread():
+    threads = threading.active_count()
+    delays = np.random.default_rng(0).uniform(0, 0.004, 7).tolist()  # an uneven producer
+    with Prefetcher(counting(delays=delays), depth=2) as prefetcher:
+        steps = [next(prefetcher)["step"] for _ in range(30)]
+        assert prefetcher.queue.maxsize == 2
+    assert steps == list(range(30)) and threading.active_count() == threads
+    items = list(Prefetcher(counting(stop_at=5)))
+    assert [item["step"] for item in items] == [0, 1, 2, 3, 4]  # StopIteration from produce() ends the iteration
+
+
+def test_prefetcher_raises_the_producers_exception_at_next():
+    prefetcher = Prefetcher(counting(fail_at=3))
+    assert [next(prefetcher)["step"] for _ in range(3)] == [0, 1, 2]  # the items before it come first
+    for _ in range(2):  # and every later next() raises it again
+        with pytest.raises(ValueError, match="unreadable batch 3"):
+            next(prefetcher)
+    prefetcher.thread.join(timeout=5)
+    assert not prefetcher.thread.is_alive()
+    prefetcher.close()
+    with pytest.raises(ValueError, match="closed Prefetcher"):
+        next(prefetcher)
+
+
+def test_prefetcher_closes_promptly_while_its_producer_waits_on_a_full_queue():
+    prefetcher = Prefetcher(counting())
+    next(prefetcher)
+    time.sleep(0.2)  # the thread has filled the queue and waits to put the next item
+    start = time.perf_counter()
+    prefetcher.close()
+    assert time.perf_counter() - start < 1 and not prefetcher.thread.is_alive() and prefetcher.queue.empty()
+    prefetcher.close()  # twice is fine
+
+
+def test_prefetcher_pins_cpu_tensors_only_when_asked_or_cuda_is_there(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor) or tensor.clone())
+    item = dict(z0=torch.zeros(2), parts=[torch.ones(1), (torch.ones(3), "label")], step=4)
+    with Prefetcher(lambda: item, pin_memory=True) as prefetcher:
+        got = next(prefetcher)
+    assert len(pinned) >= 3 and got["step"] == 4 and got["parts"][1][1] == "label"
+    assert torch.equal(got["parts"][1][0], torch.ones(3)) and got["z0"] is not item["z0"]
+    pinned.clear()
+    with Prefetcher(lambda: item) as prefetcher:  # pin_memory=None: only when CUDA is available
+        got = next(prefetcher)
+    cpu_only = not torch.cuda.is_available()
+    assert (got["z0"] is item["z0"]) == cpu_only and (pinned == []) == cpu_only
+
+
+def test_prefetched_batches_are_those_of_the_loop_with_the_sampler_state_they_belong_to(tmp_path):
+    """The pattern train.py can use: the producer draws indices and reads rows; the sampler position travels with
+    the batch, so that a checkpoint records the position of the last batch consumed, not of the last one read."""
+    dataset = LatentDataset(write_dataset(tmp_path / "data", count=32, flips=True))
+
+    def producer(sampler):
+        def produce():
+            indices = sampler.next_indices()
+            latents, labels = dataset.get(indices, dtype=None)
+            return dict(latents=latents, labels=labels, position=sampler.state_dict())
+        return produce
+
+    direct = producer(data_lib.EpochSampler(len(dataset), 4, 0, 1, seed=3))
+    expected = [direct() for _ in range(20)]
+    with Prefetcher(producer(data_lib.EpochSampler(len(dataset), 4, 0, 1, seed=3))) as prefetcher:
+        for want in expected:
+            got = next(prefetcher)
+            assert got["position"] == want["position"] and torch.equal(got["latents"], want["latents"])
+            assert torch.equal(got["labels"], want["labels"])
+
+
+def test_a_process_that_forgets_to_close_its_prefetcher_still_exits():
+    script = "import data; p = data.Prefetcher(lambda: 1); next(p); print('done')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
 
 
 # ==================================================================================================================
@@ -2727,10 +3166,6 @@ def test_cli_under_torchrun_matches_one_process(cli):
 # DiT's ancestral sampler, the flow models' SDE, guidance on some channels and in an interval, released files
 # ----------------------------------------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------------------------
-# DiT's respaced grid and ancestral step
-# ----------------------------------------------------------------------------------------------------------------
-
 def dit_space_timesteps(num_steps, count):
     """DiT's respace.space_timesteps(num_steps, str(count)), one section, written out: the positions 0, stride,
     2 stride, ... summed one after the other in float64 (not i * stride), each rounded half to even."""
@@ -3001,6 +3436,267 @@ def test_cli_samples_a_train_py_checkpoint_of_a_dit(cli):
     assert (meta["backbone"], meta["sampler"], meta["step"], meta["cfg_channels"]) == ("dit", "ddpm", 1234, 4)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py at scale: shards written as they come, a killed run continued, the npz streamed
+# ----------------------------------------------------------------------------------------------------------------
+
+COMMON = ["--ema", "--num-samples", 10, "--steps", 2, "--shard-size", 3]  # shards of 3, 3, 3 and 1 samples
+
+
+class Killed(Exception):
+    """Stands for a kill between two shards."""
+
+
+def kill_after(monkeypatch, shards):
+    """sample.py dies once it has written `shards` more shards; returns the names of those it wrote."""
+    written, original = [], runtime.write_npy
+
+    def write_or_die(path, array):
+        if len(written) == shards:
+            raise Killed(f"killed before {path.name}")
+        original(path, array)
+        written.append(path.name)
+    monkeypatch.setattr(sample_module, "write_npy", write_or_die)
+    return written
+
+
+def record_shares(monkeypatch):
+    """The sample indices of every sample_share call of sample.py, in order."""
+    shares, original = [], sample_module.sample_share
+
+    def recording(*args, **kwargs):
+        shares.append(list(args[4]))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(sample_module, "sample_share", recording)
+    return shares
+
+
+SIGKILL_AFTER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import sample
+original, written = sample.write_npy, []
+
+def write_npy(path, array):  # SIGKILL halfway through writing the next shard: its temporary file stays behind
+    if len(written) == {shards}:
+        path.with_name(f".{{path.name}}.{{os.getpid()}}.tmp").write_bytes(b"half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(path, array)
+    written.append(path)
+
+sample.write_npy = write_npy
+sample.main(sys.argv[1:])
+"""
+
+
+def sigkill_after(shards, *argv):
+    script = SIGKILL_AFTER.format(repo=str(REPO), shards=shards)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+def leftovers(folder):
+    """What a run leaves beside its outputs: hidden (temporary) files and work folders."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".parts"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A killed run continues from its shards
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_killed_twice_and_rerun_gives_the_uninterrupted_npz_byte_for_byte(cli, monkeypatch):
+    ckpt = tiny_checkpoint(cli)
+    common = ["--ckpt", ckpt, *COMMON]
+    out = cli / "samples.npz"
+    uninterrupted = cli / "uninterrupted.npz"
+    run_main(*common, "--batch-size", 4, "--out", uninterrupted)
+
+    kill_after(monkeypatch, shards=1)  # first kill: between two shards
+    with pytest.raises(Killed):
+        main([str(a) for a in [*common, "--batch-size", 4, "--out", out]])
+    parts = work_folder(out)
+    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["settings.json", "shard-000000.npy"]
+    assert json.loads((parts / "settings.json").read_text())["shard_size"] == 3
+
+    sigkill_after(1, *common, "--batch-size", 2, "--out", out)  # second kill: SIGKILL inside a shard's write
+    assert sorted(p.name for p in parts.iterdir() if p.name.startswith("shard")) == ["shard-000000.npy",
+                                                                                      "shard-000001.npy"]
+    assert [p.name for p in parts.glob(".shard-000002.npy.*.tmp")]  # the killed writer's temporary file
+
+    monkeypatch.setattr(sample_module, "write_npy", runtime.write_npy)
+    shares = record_shares(monkeypatch)
+    resumed = run_main(*common, "--batch-size", 1, "--out", out)
+    assert shares == [[6, 7, 8], [9]]  # only the missing shards were sampled
+    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert resumed["arr_0"].shape == (10, 16, 16, 3)
+    assert leftovers(cli) == []  # the work folder and every temporary file are gone
+
+
+def test_an_uninterrupted_run_never_samples_more_than_a_shard_at_a_time(cli, monkeypatch):
+    shares = record_shares(monkeypatch)
+    run_main("--ckpt", tiny_checkpoint(cli), *COMMON, "--batch-size", 2, "--out", cli / "s.npz")
+    assert shares == [list(r) for r in shard_ranges(10, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert leftovers(cli) == []
+
+
+def test_a_rerun_with_other_settings_is_refused_in_one_line(cli, monkeypatch):
+    ckpt = tiny_checkpoint(cli)
+    out = cli / "s.npz"
+    kill_after(monkeypatch, shards=1)
+    with pytest.raises(Killed):
+        main([str(a) for a in ["--ckpt", ckpt, *COMMON, "--out", out]])
+    monkeypatch.setattr(sample_module, "write_npy", runtime.write_npy)
+    changed = {"--steps": ("3", "steps 2 there, 3 now"), "--shard-size": ("4", "shard_size 3 there, 4 now"),
+               "--seed": ("1", "seed 0 there, 1 now"), "--labels": ("1", "labels_given None there, '1' now")}
+    for flag, (value, message) in changed.items():  # argparse keeps a flag's last value
+        with pytest.raises(SystemExit) as refused:
+            main([str(a) for a in ["--ckpt", ckpt, *COMMON, "--out", out, flag, value]])
+        assert message in str(refused.value) and "remove the folder to start over" in str(refused.value)
+        assert len(str(refused.value).splitlines()) == 1
+    assert sorted(p.name for p in work_folder(out).iterdir()) == ["settings.json", "shard-000000.npy"]  # untouched
+    run_main("--ckpt", ckpt, *COMMON, "--batch-size", 5, "--out", out)  # the command that started it finishes it
+    assert leftovers(cli) == []
+
+
+def test_a_work_folder_without_settings_is_refused(cli):
+    out = cli / "s.npz"
+    work_folder(out).mkdir()
+    np.save(work_folder(out) / "shard-000000.npy", np.zeros((3, 16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit, match=r"holds shards but no settings.json: remove it"):
+        main([str(a) for a in ["--ckpt", tiny_checkpoint(cli), *COMMON, "--out", out]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output paths and flags: one line, before anything loads
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output paths were checked")
+    for name in ("load_checkpoint", "load_backbone", "load_autoencoder"):
+        monkeypatch.setattr(sample_module, name, refuse)
+
+
+def test_bad_output_paths_are_one_line_before_anything_loads(cli, nothing_loads):
+    ckpt = tiny_checkpoint(cli)
+    (cli / "folder.npz").mkdir()
+    (cli / "a-file").write_text("")
+    (cli / "taken.npz.parts").write_text("")
+    bad = {("--out", cli / "folder.npz"): "--out .*folder.npz is a folder",
+           ("--out", cli / "a-file" / "s.npz"): "--out .*a-file/s.npz: .*a-file is a file, not a folder",
+           ("--out", cli / "a-file" / "deeper" / "s.npz"): "a-file is a file, not a folder",
+           ("--out", cli / "taken.npz"): "--out .*taken.npz: its work folder .*taken.npz.parts is a file",
+           ("--grid", cli): "--grid .* is a folder",
+           ("--grid", cli / "a-file" / "g.png"): "--grid .*g.png: .*a-file is a file, not a folder"}
+    for (flag, path), message in bad.items():
+        argv = {"--out": str(cli / "s.npz"), "--grid": str(cli / "g.png"), flag: str(path)}
+        with pytest.raises(SystemExit, match=message) as refused:
+            main(["--ckpt", str(ckpt), *[str(a) for a in COMMON], *[x for item in argv.items() for x in item]])
+        assert str(refused.value).startswith("error: ") and len(str(refused.value).splitlines()) == 1
+
+
+def test_a_folder_that_takes_no_file_is_refused_before_anything_loads(cli, nothing_loads):
+    locked = cli / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders; sysfs refuses new files even to root
+        locked = Path("/sys")
+    with pytest.raises(SystemExit, match=r"--out .*s.npz: cannot write in .* \(Permission denied\)"):
+        main(["--ckpt", str(tiny_checkpoint(cli)), "--out", str(locked / "new" / "s.npz")])
+
+
+def test_missing_output_folders_are_made(cli):
+    out, grid = cli / "new" / "deeper" / "s.npz", cli / "pictures" / "g.png"
+    run_main("--ckpt", tiny_checkpoint(cli), "--num-samples", 2, "--steps", 1, "--out", out, "--grid", grid)
+    assert out.is_file() and grid.is_file() and leftovers(out.parent) == [] and leftovers(cli) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg", "-5"], "--cfg must be >= 0"),
+    (["--cfg", "nan"], "--cfg must be >= 0"),
+    (["--shard-size", "0"], "--shard-size must be positive"),
+])
+def test_bad_flags_are_one_line_before_anything_loads(cli, capsys, nothing_loads, flags, message):
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(tiny_checkpoint(cli)), "--out", str(cli / "s.npz"), *flags])
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_guidance_scales_below_1_are_legal(cli):
+    npz = run_main("--ckpt", tiny_checkpoint(cli), "--ema", "--num-samples", 2, "--steps", 2, "--cfg", 0.5,
+                   "--out", cli / "s.npz")
+    assert json.loads(str(npz["meta"]))["cfg"] == 0.5
+
+
+def test_an_empty_checkpoint_says_so(cli):
+    empty = cli / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^error: --ckpt .*empty.pt is empty \(0 bytes\)"):
+        main(["--ckpt", str(empty), "--out", str(cli / "s.npz")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The streamed npz
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_the_streamed_npz_reads_with_np_load_and_fids_reader(cli):
+    out = cli / "s.npz"
+    npz = run_main("--ckpt", tiny_checkpoint(cli), *COMMON, "--out", out)
+    assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (10, 16, 16, 3)
+    assert npz["labels"].dtype == np.int64 and npz["labels"].shape == (10,)
+    assert json.loads(str(npz["meta"]))["num"] == 10
+    images = fid.open_images(out)
+    assert len(images) == 10 and images.meta["num"] == 10
+    streamed = np.concatenate([np.stack([image.permute(1, 2, 0).numpy() for image in batch])
+                               for batch in images.batches(4)])
+    assert np.array_equal(streamed, npz["arr_0"])
+
+
+def test_write_samples_streams_pieces_into_what_np_savez_writes(cli):
+    images = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    labels, meta = np.arange(5), dict(arm="x")
+    with open(cli / "savez.npz", "wb") as file:
+        np.savez(file, arr_0=images, labels=labels, meta=np.array(json.dumps(meta)))
+    write_samples(cli / "whole.npz", images, labels, meta)
+    pieces = [images[:2].tobytes(), memoryview(images[2:].tobytes())[:7], images[2:].tobytes()[7:]]
+    write_samples(cli / "pieces.npz", (images.shape, pieces), labels, meta)
+    assert (cli / "whole.npz").read_bytes() == (cli / "pieces.npz").read_bytes() == (cli / "savez.npz").read_bytes()
+    with np.load(cli / "pieces.npz") as npz:
+        assert np.array_equal(npz["arr_0"], images) and np.array_equal(npz["labels"], labels)
+    with pytest.raises(ValueError, match="expected 240 for shape"):
+        write_samples(cli / "short.npz", (images.shape, pieces[:1]), labels, meta)
+    assert not (cli / "short.npz").exists() and leftovers(cli) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun: two gloo ranks, fresh and resuming a one-process run
+# ----------------------------------------------------------------------------------------------------------------
+
+def torchrun_sample(*argv):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "sample.py"), *map(str, argv)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_fresh_or_resuming_give_the_one_process_npz(cli, monkeypatch):
+    ckpt = tiny_checkpoint(cli)
+    common = ["--ckpt", ckpt, *COMMON]
+    single = cli / "one.npz"
+    run_main(*common, "--batch-size", 4, "--out", single)
+    torchrun_sample(*common, "--batch-size", 2, "--out", cli / "two.npz")
+    assert (cli / "two.npz").read_bytes() == single.read_bytes()
+
+    kill_after(monkeypatch, shards=1)  # one process killed after its first shard, continued by two ranks
+    with pytest.raises(Killed):
+        main([str(a) for a in [*common, "--batch-size", 4, "--out", cli / "resumed.npz"]])
+    torchrun_sample(*common, "--batch-size", 3, "--out", cli / "resumed.npz")
+    assert (cli / "resumed.npz").read_bytes() == single.read_bytes()
+    assert leftovers(cli) == []
+
+
 # ==================================================================================================================
 # train.py: DDP training, resume, the demo
 # ==================================================================================================================
@@ -3072,7 +3768,10 @@ def assert_same(a, b, where=""):
 
 
 def without_timing(records):
-    return [{k: v for k, v in record.items() if k != "img_per_s"} for record in records]
+    """Log records without what depends on the clock: throughput and the wall-clock time."""
+    return [{k: v for k, v in record.items() if k not in ("img_per_s", "step_ms", "data_wait_ms", "data_prepare_ms",
+                                                            "time")}
+            for record in records]
 
 
 @pytest.fixture(scope="module")
@@ -3138,34 +3837,223 @@ def test_epoch_sampler_splits_one_permutation_between_ranks():
 # torchrun: two CPU ranks over gloo
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_torchrun_two_ranks_hold_identical_weights(tmp_path, labels_data):
-    """Each rank's model and EMA go into an exact bit checksum at every checkpoint; the run stops if they differ and
-    the checkpoint records them all. (A single-process run is no reference: each rank draws its own noise.)"""
-    out = tmp_path / "ddp"
+def torchrun_train(ranks, argv, timeout=300):
+    """train.py under torchrun on `ranks` gloo processes (one thread each); returns the finished process."""
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environment["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               "--data", str(labels_data), "--out", str(out), *TINY_RUN, "--steps", "3", "--ckpt-every", "2",
-               "--grad-accum", "2"]
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=240)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "train.py",
+               *map(str, argv)]
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_two_ranks_hold_identical_weights(tmp_path, labels_data):
+    """Each rank's model and EMA go into an exact bit checksum at every checkpoint; the run stops if they differ and
+    the checkpoint records them all."""
+    out = tmp_path / "ddp"
+    result = torchrun_train(2, ["--data", labels_data, "--out", out, *TINY_RUN, "--steps", 3, "--ckpt-every", 2,
+                          "--grad-accum", 2])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 ranks x 2 x 2 accumulation" in result.stdout
     assert [record["step"] for record in read_log(out)] == [1, 2, 3]  # rank 0 alone writes the log
     for step in (2, 3):
         checkpoint = load(out / "checkpoints" / f"step-{step:07d}.pt")
         stored = weights_checksum([*checkpoint["model"].values(), *checkpoint["ema"].values()])
-        assert checkpoint["replica_checksums"] == [stored, stored]
-        assert len(checkpoint["rng"]) == 2  # each rank's own generators ...
-        assert not torch.equal(checkpoint["rng"][0]["noise"], checkpoint["rng"][1]["noise"])  # ... seeded apart
+        assert checkpoint["replica_checksums"] == [stored, stored] and checkpoint["world_size"] == 2
     assert checkpoint["data"] == dict(epoch=0, batch=6)  # 3 steps x 2 micro-batches: 6 of the 8 (2 x 2 ranks) in 32
+
+
+def relative_difference(a, b):
+    flat_a = torch.cat([v.flatten().double() for v in a.values()])
+    flat_b = torch.cat([v.flatten().double() for v in b.values()])
+    return ((flat_a - flat_b).norm() / flat_a.norm()).item()
+
+
+@pytest.mark.parametrize("lpl", [False, True])
+def test_one_rank_and_two_ranks_train_the_same_run(tmp_path, labels_data, tiny_vae, lpl):
+    """Times, dropout, LPL's sub-batch and noise are keyed by (seed, step, position in the global batch): 1 process
+    and 2 torchrun ranks with the same global batch end with the same weights, up to float rounding; and a 2-rank
+    checkpoint continues on 1 rank."""
+    flags = ["--lpl", "--vae", tiny_vae, "--lpl-max-samples", 3, "--lpl-threshold", 12] if lpl else []
+    common = ["--data", labels_data, *TINY_RUN, "--steps", 6, "--ckpt-every", 3, *flags]
+    train.main([str(a) for a in [*common, "--out", tmp_path / "one"]])
+    result = torchrun_train(2, [*common, "--out", tmp_path / "two"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = load(tmp_path / "one" / "checkpoints" / "last.pt"), load(tmp_path / "two" / "checkpoints" / "last.pt")
+    bound = 1e-4 if lpl else 1e-5
+    assert relative_difference(one["model"], two["model"]) < bound
+    assert relative_difference(one["ema"], two["ema"]) < bound
+    if lpl:
+        assert all(record["lpl"] > 0 for record in read_log(tmp_path / "one"))
+    # the 2-rank run's step-3 checkpoint, continued on 1 rank
+    (tmp_path / "mixed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "two" / "checkpoints" / "step-0000003.pt", tmp_path / "mixed" / "checkpoints" / "last.pt")
+    train.main([str(a) for a in [*common, "--out", tmp_path / "mixed", "--resume", "last"]])
+    mixed = load(tmp_path / "mixed" / "checkpoints" / "last.pt")
+    assert relative_difference(one["model"], mixed["model"]) < bound
+
+
+def wait_for_step(out, step, process, timeout=240):
+    """Polls OUT/log.jsonl until a training record reaches `step` (or the process ends)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        path = Path(out) / "log.jsonl"
+        with contextlib.suppress(OSError, ValueError):
+            if any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line.strip()):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step}: {process.poll()}")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_signal_stops_after_the_step_with_its_checkpoint_and_the_run_continues(tmp_path, labels_data, ranks):
+    """SIGTERM (the cluster's warning) to a running train.py, or to its torchrun launcher: every rank finishes its
+    step, the checkpoint of that step is written, OUT/stopped.json says so, and `--resume last` ends bit-identical
+    to a run that was never stopped."""
+    common = ["--data", labels_data, *TINY_RUN, "--steps", 40, "--ckpt-every", 1000]
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment["OMP_NUM_THREADS"] = "1"
+    launcher = ["train.py"] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                                f"--nproc_per_node={ranks}", "train.py"]
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, *launcher, *map(str, common), "--out", str(stopped)], cwd=REPO,
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(stopped, 3, process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=240)[0]
+    marker = json.loads((stopped / "stopped.json").read_text())
+    assert marker["signal"] == "SIGTERM" and 3 <= marker["step"] < 40, output[-2000:]
+    if ranks == 1:
+        assert process.returncode == train.EXIT_STOPPED, output[-2000:]
+    else:
+        assert process.returncode != 0  # torchrun's own status; the workers exited with EXIT_STOPPED
+    checkpoint = load(stopped / "checkpoints" / "last.pt")
+    assert checkpoint["step"] == marker["step"]
+    assert (stopped / "checkpoints" / f"step-{marker['step']:07d}.pt").exists()
+    assert not (stopped / "run.lock").exists() and not list((stopped / "checkpoints").glob(".*.tmp"))
+    resumed = subprocess.run([sys.executable, *launcher, *map(str, common), "--out", str(stopped), "--resume", "last"],
+                             cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert not (stopped / "stopped.json").exists()
+    straight = subprocess.run([sys.executable, *launcher, *map(str, common), "--out", str(tmp_path / "straight")],
+                              cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+    a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(stopped / "checkpoints" / "last.pt")
+    for key in ("model", "ema", "optimizer", "data"):
+        assert_same(a[key], b[key], key)
+    assert without_timing(read_log(tmp_path / "straight")) == without_timing(read_log(stopped))
+
+
+def test_a_second_signal_ends_the_process_at_once(tmp_path):
+    script = ("import os, signal, time, runtime\n"
+              "with runtime.StopSignals() as signals:\n"
+              "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+              "    assert signals.requested and signals.received == 'SIGUSR1'\n"
+              "    print('asked to stop', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.stdout == "asked to stop\n" and done.returncode == -signal.SIGTERM
+
+
+def test_a_non_finite_row_is_named_and_excluded_the_run_continues(tmp_path):
+    data = write_dataset(tmp_path / "data", inf_row=5)
+    common = ["--data", data, *TINY_RUN, "--steps", 8, "--log-every", 2]
+    with pytest.raises(SystemExit, match=r"non-finite loss at step \d+: rows \[5\] of --data") as error:
+        train.main([str(a) for a in [*common, "--out", tmp_path / "run"]])
+    assert "--exclude-rows" in str(error.value) and "data.py check" in str(error.value)
+    rows = json.loads((tmp_path / "run" / "nonfinite-rows.json").read_text())
+    assert rows["rows"] == [5]
+    train.main([str(a) for a in [*common, "--out", tmp_path / "run", "--exclude-rows",
+                                 tmp_path / "run" / "nonfinite-rows.json", "--resume", "auto"]])
+    log = read_log(tmp_path / "run")
+    assert log[-1]["step"] == 8 and all(math.isfinite(record["loss"]) for record in log)
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["excluded_rows"] == [5]
+
+
+def test_a_validation_set_that_does_not_fit_is_refused_before_step_1(tmp_path, labels_data):
+    other = write_dataset(tmp_path / "wide", side=16)
+    with pytest.raises(SystemExit, match=r"--val-data .* holds \(4, 16, 16\) latents"):
+        train.main([str(a) for a in ["--data", labels_data, "--out", tmp_path / "run", *TINY_RUN, "--val-data", other]])
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_validation_error_is_logged_after_the_checkpoint_and_training_goes_on(tmp_path, labels_data, monkeypatch):
+    def broken(*args, **kwargs):
+        if kwargs.get("count") != 1:  # the start-up check passes; the evaluations of the run fail
+            raise RuntimeError("deliberately broken")
+        return {}
+    monkeypatch.setattr(train, "evaluate", broken)
+    train.main([str(a) for a in ["--data", labels_data, "--out", tmp_path / "run", *TINY_RUN, "--steps", 4,
+                                 "--val-data", labels_data, "--eval-every", 2, "--ckpt-every", 2]])
+    errors = [record for record in read_log(tmp_path / "run") if "error" in record]
+    assert [(record["step"], record["eval"]) for record in errors] == [(2, "ema"), (2, "raw"), (4, "ema"), (4, "raw")]
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002.pt").exists()
+    assert all("time" in record for record in read_log(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup-steps", "-3"], "--warmup-steps and --seed must be >= 0"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--weight-decay", "-1"], "--weight-decay and --grad-clip >= 0"),
+    (["--grad-clip", "-1"], "--weight-decay and --grad-clip >= 0"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--lpl", "--vae", "x.safetensors", "--lpl-weight", "-3"], "--lpl-weight must be positive"),
+    (["--lpl", "--vae", "x.safetensors", "--lpl-start", "50"], "--lpl-start below --steps"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+])
+def test_flags_that_would_do_harm_or_nothing_are_refused(tmp_path, labels_data, flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main([str(a) for a in ["--data", labels_data, "--out", tmp_path / "run", *TINY_RUN, "--steps", 10,
+                                     *flags]])
+
+
+def test_a_resume_refuses_another_dataset_or_precision(tmp_path, labels_data):
+    train.main([str(a) for a in ["--data", labels_data, "--out", tmp_path / "run", *TINY_RUN, "--steps", 2]])
+    smaller = write_dataset(tmp_path / "smaller", count=16)
+    with pytest.raises(SystemExit, match="trained on another dataset than --data"):
+        train.main([str(a) for a in ["--data", smaller, "--out", tmp_path / "run", *TINY_RUN, "--steps", 4,
+                                     "--resume", "last"]])
+    with pytest.raises(SystemExit, match="--precision fp32 \\(checkpoint\\) vs bf16"):
+        train.main([str(a) for a in ["--data", labels_data, "--out", tmp_path / "run", *TINY_RUN, "--steps", 4,
+                                     "--resume", "last", "--precision", "bf16"]])
+    moved = tmp_path / "moved"
+    shutil.copytree(labels_data, moved)  # the same rows elsewhere: fine
+    train.main([str(a) for a in ["--data", moved, "--out", tmp_path / "run", *TINY_RUN, "--steps", 4, "--resume",
+                                 "last"]])
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_prefetching_ends_bit_identical_to_preparing_each_step_in_turn(tmp_path, labels_data, monkeypatch):
+    common = ["--data", labels_data, *TINY_RUN, "--steps", 5, "--grad-accum", 2]
+    train.main([str(a) for a in [*common, "--out", tmp_path / "ahead"]])
+
+    class InTurn:  # a Prefetcher that calls produce() when asked, on this thread
+        def __init__(self, produce, **kwargs):
+            self.produce = produce
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            pass
+
+        def __next__(self):
+            return self.produce()
+    monkeypatch.setattr(train.data, "Prefetcher", InTurn)
+    train.main([str(a) for a in [*common, "--out", tmp_path / "in-turn"]])
+    a, b = load(tmp_path / "ahead" / "checkpoints" / "last.pt"), load(tmp_path / "in-turn" / "checkpoints" / "last.pt")
+    for key in ("model", "ema", "optimizer", "data"):
+        assert_same(a[key], b[key], key)
 
 
 def test_diverged_replicas_stop_the_run_before_saving(tmp_path, labels_data, monkeypatch):
     args = check_args(parse_args(["--data", str(labels_data), "--out", str(tmp_path / "run"), *TINY_RUN]))
     trainer = Trainer(args, 0, 1, torch.device("cpu"))
 
-    def gather_from_a_drifted_rank(states, mine):
-        states[:] = [mine, dict(mine, checksum=mine["checksum"] + 1)]
+    def gather_from_a_drifted_rank(checksums, mine):
+        checksums[:] = [mine, mine + 1]
 
     trainer.world = 2
     monkeypatch.setattr(train.dist, "all_gather_object", gather_from_a_drifted_rank)
@@ -3201,7 +4089,7 @@ def test_resume_is_bit_exact(tmp_path, labels_data, tiny_vae, variant):
         assert any(record["lpl"] > 0 for record in straight)
     a, b = load(tmp_path / "straight" / "checkpoints" / "last.pt"), load(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 6
-    for key in ("model", "ema", "optimizer", "rng", "data"):
+    for key in ("model", "ema", "optimizer", "data"):
         assert_same(a[key], b[key], key)
 
 
@@ -3213,9 +4101,9 @@ def test_lpl_start_switches_lpl_on_at_that_step(tmp_path, labels_data, tiny_vae,
     batches = []
     forward = train.LatentPerceptualLoss.forward
 
-    def counting_forward(self, z0_hat, z0, sigma_ratio, generator=None):
+    def counting_forward(self, z0_hat, z0, sigma_ratio, generator=None, chosen=None):
         batches.append(len(z0_hat))
-        return forward(self, z0_hat, z0, sigma_ratio, generator)
+        return forward(self, z0_hat, z0, sigma_ratio, generator, chosen)
 
     monkeypatch.setattr(train.LatentPerceptualLoss, "forward", counting_forward)
     # tau far above sigma/alpha at every DDPM time: every sample passes the gate, so L_LPL > 0 once it is on
@@ -3341,9 +4229,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, log_
         rows = third_batch.next_indices()
     data = write_dataset(tmp_path / "data", count=16, inf_row=int(rows[0]))
     out = tmp_path / "run"
-    steps = "steps 3..3" if log_every == 1 else "steps 3..4"  # the log of step 4 comes before its checkpoint
+    message = f"non-finite loss at step 3: rows [{int(rows[0])}] of --data"  # found at the log of step 3 or 4
     expect_exit(["--data", data, "--out", out, *TINY_RUN, "--global-batch-size", 4, "--steps", 6, "--ckpt-every", 2,
-                 "--log-every", log_every], f"non-finite loss in {steps}", str(out / "checkpoints" / "last.pt"))
+                 "--log-every", log_every], message, str(out / "checkpoints" / "last.pt"))
     logged = [record["step"] for record in read_log(out)] if (out / "log.jsonl").exists() else []
     assert logged == ([1, 2] if log_every == 1 else [2])  # every checkpoint is preceded by a log (and its check)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step-0000002.pt"]
@@ -3355,7 +4243,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, log_
 def test_non_finite_loss_before_any_checkpoint(tmp_path):
     data = write_dataset(tmp_path / "data", count=16, inf_row=0)  # every row is drawn in the first epoch
     expect_exit(["--data", data, "--out", tmp_path / "run", *TINY_RUN, "--global-batch-size", 4, "--steps", 4],
-                "non-finite loss in steps", "no checkpoint was written yet")
+                "non-finite loss at step", "rows [0]", "no checkpoint was written yet")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -3367,13 +4255,14 @@ def test_init_from_at_another_resolution(tmp_path, short_run):
     source = load(short_run / "checkpoints" / "last.pt")
     data16 = write_dataset(tmp_path / "data16", side=16)
     out = tmp_path / "run16"
-    # lr 0 and EMA decay 1: the one step leaves the model and the EMA as loaded
-    run(data16, out, "--steps", 1, "--init-from", short_run / "checkpoints" / "last.pt", "--lr", 0, "--ema-decay", 1)
-    checkpoint = load(out / "checkpoints" / "last.pt")
-    assert checkpoint["model_config"]["input_size"] == 16 and source["model_config"]["input_size"] == 8
-    assert checkpoint["step"] == 1 and np.isfinite(read_log(out)[0]["diffusion"])
-    assert_same(checkpoint["model"], source["model"], "model")
-    assert_same(checkpoint["ema"], source["ema"], "ema")
+    args = check_args(parse_args(["--data", str(data16), "--out", str(out), *TINY_RUN, "--steps", "1",
+                                  "--init-from", str(short_run / "checkpoints" / "last.pt")]))
+    trainer = Trainer(args, 0, 1, torch.device("cpu"))
+    assert trainer.model.input_size == 16 and source["model_config"]["input_size"] == 8
+    assert_same(trainer.model.state_dict(), source["model"], "model")  # the weights as they were: any grid
+    assert_same(trainer.ema.state_dict(), source["ema"], "ema")
+    run(data16, out, "--steps", 1, "--init-from", short_run / "checkpoints" / "last.pt")
+    assert np.isfinite(read_log(out)[0]["diffusion"])
 
 
 def test_checkpoint_holds_plain_state(short_run):
@@ -3383,7 +4272,8 @@ def test_checkpoint_holds_plain_state(short_run):
     assert checkpoint["step"] == 5 and isinstance(checkpoint["args"], dict) and checkpoint["args"]["model"] == "demo"
     assert checkpoint["model"].keys() == checkpoint["ema"].keys()
     assert {"state", "param_groups"} <= checkpoint["optimizer"].keys() and checkpoint["optimizer"]["state"]
-    assert len(checkpoint["rng"]) == 1 and set(checkpoint["rng"][0]) == {"cpu", "noise"}
+    assert "rng" not in checkpoint and checkpoint["world_size"] == 1  # every random number is keyed by position
+    assert checkpoint["dataset"]["rows"] == 32 and checkpoint["excluded_rows"] == []
     assert checkpoint["data"] == dict(epoch=1, batch=1)  # 4 batches per epoch, 5 drawn
     assert checkpoint["class_names"] == CLASSES and checkpoint["model_config"]["num_classes"] == 4
     assert checkpoint["diffusion"]["objective"] == "eps"
@@ -3478,8 +4368,9 @@ def test_evaluation_does_not_change_the_training_trajectory(tmp_path, labels_dat
     assert without_timing(plain) == without_timing([r for r in evaluated if "eval" not in r])
     assert [r["step"] for r in evaluated if "eval" in r] == [1, 1, 2, 2, 3, 3, 4, 4]  # ema and raw at each step
     a, b = load(tmp_path / "plain" / "checkpoints" / "last.pt"), load(tmp_path / "evaluated" / "checkpoints" / "last.pt")
-    for key in ("model", "ema", "optimizer", "rng", "data"):
+    for key in ("model", "ema", "optimizer", "data"):
         assert_same(a[key], b[key], key)
+    assert Image.open(tmp_path / "evaluated" / "curves.png").size == (1500, 980)  # drawn at the checkpoint
 
 
 def test_evaluation_is_deterministic_and_follows_its_definition(tmp_path, labels_data, tiny_vae, short_run):
@@ -3513,6 +4404,72 @@ def test_evaluation_is_deterministic_and_follows_its_definition(tmp_path, labels
     assert all(se is None or se >= 0 for se in first["psnr_se"] + first["lpl_se"])
     tau = trainer.lpl.tau(val.resolution)
     assert [v is not None for v in first["lpl"]] == [level <= tau for level in train.VAL_LEVELS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Curves: OUT/curves.png at every checkpoint, `python plot.py curves` for any log.jsonl
+# ----------------------------------------------------------------------------------------------------------------
+
+def synthetic_log(path, scale=1.0, steps=10, lpl_from=5):
+    """A train.py log.jsonl: training lines (LPL and its layers from `lpl_from`), EMA and raw validation lines,
+    a validation that failed, and a last line a kill cut short."""
+    lines = []
+    for step in range(1, steps + 1):
+        record = dict(step=step, loss=scale / step, diffusion=scale / step, grad_norm=1.0, img_per_s=100.0 + step)
+        if step >= lpl_from:
+            record.update(lpl=0.5 * scale / step, lpl_layer0=0.3 / step, lpl_layer1=0.2 / step)
+        lines.append(json.dumps(record))
+        if step % 5 == 0:
+            figures = dict(sigma_ratio=list(train.VAL_LEVELS), hf_error=[scale * step / 100] * len(train.VAL_LEVELS))
+            lines += [json.dumps(dict(step=step, eval=name, **figures)) for name in ("ema", "raw")]
+            lines.append(json.dumps(dict(step=step, eval="ema", error="RuntimeError: out of memory")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + '\n{"step": 11, "lo')
+    return path
+
+
+def colors_in(path):
+    """The plot.COLORS that appear in the PNG at path."""
+    palette = {tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)) for color in plot.COLORS}
+    return {color for _, color in Image.open(path).convert("RGB").getcolors(1 << 20)} & palette
+
+
+def test_curves_of_one_run_show_its_lpl_layers_and_validation_levels(tmp_path):
+    log = synthetic_log(tmp_path / "run" / "log.jsonl")
+    training, validation = plot.read_log(log)
+    assert len(training) == 10 and [r["step"] for r in validation] == [5, 10]  # EMA only, failures and cut line out
+    names = [curve[0] for curve in plot.curves_of([("run", training, validation)], "lpl")]
+    assert names == ["run", "layer0", "layer1"]
+    levels = plot.curves_of([("run", training, validation)], "hf_error")
+    assert [curve[0] for curve in levels] == [f"sigma/alpha {level:g}" for level in train.VAL_LEVELS]
+    assert list(levels[2][2]) == pytest.approx([0.05, 0.10])
+    plot.plot_curves([log], tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (1500, 980)
+    assert len(colors_in(tmp_path / "curves.png")) == len(train.VAL_LEVELS)  # one colour per noise level
+
+
+def test_curves_of_two_runs_overlay_one_colour_each(tmp_path, capsys):
+    base = synthetic_log(tmp_path / "base" / "log.jsonl", lpl_from=99)  # no LPL in this arm
+    lpl = synthetic_log(tmp_path / "lpl" / "log.jsonl", scale=2.0)
+    runs = [("base", *plot.read_log(base)), ("lpl", *plot.read_log(lpl))]
+    assert [curve[0] for curve in plot.curves_of(runs, "lpl")] == ["lpl"]  # no layers when overlaid
+    assert [curve[0] for curve in plot.curves_of(runs, "hf_error")] == ["base", "lpl"]  # at sigma/alpha 1
+    plot.main(["curves", str(base), str(lpl), "--out", str(tmp_path / "ab.png"), "--names", "base", "lpl"])
+    assert "wrote" in capsys.readouterr().out
+    assert colors_in(tmp_path / "ab.png") == {(0x1f, 0x77, 0xb4), (0xd6, 0x27, 0x28)}
+
+
+def test_curves_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere.jsonl: no such log"):
+        plot.main(["curves", str(tmp_path / "nowhere.jsonl"), "--out", str(tmp_path / "x.png")])
+    log = synthetic_log(tmp_path / "run" / "log.jsonl")
+    with pytest.raises(SystemExit):
+        plot.main(["curves", str(log), "--out", str(tmp_path / "x.png"), "--names", "a", "b"])
+    with pytest.raises(SystemExit, match="--out .* is a folder"):
+        plot.main(["curves", str(log), "--out", str(tmp_path)])
+    (tmp_path / "empty.jsonl").write_text("")
+    plot.plot_curves([tmp_path / "empty.jsonl"], tmp_path / "empty.png")  # a run before its first log line
+    assert Image.open(tmp_path / "empty.png").size == (1500, 980)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -4163,6 +5120,296 @@ def test_stats_then_eval_of_the_same_images(tmp_path, inception_weights):
         assert fid.main(["eval", "--ref", str(reference), "--samples", str(shifted), "--json",
                          str(report_path)] + common) == 0
     assert json.loads(report_path.read_text())["fid"] > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception: pool_3, mixed_6/conv and the logits in one pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_names_outside_checks_call_are_there():
+    assert list(inspect.signature(fid.inception_score).parameters) == ["probabilities", "split_size"]
+    assert inspect.signature(fid.inception_score).parameters["split_size"].default == 5000
+    assert list(inspect.signature(fid.adm_precision_recall).parameters)[:3] == ["real_features", "fake_features", "k"]
+    assert inspect.signature(fid.adm_precision_recall).parameters["k"].default == 3
+    for name in ("InceptionV3", "FID_WEIGHTS_URL", "FID_WEIGHTS_NAME", "inception_features", "sha256_of",
+                 "tf_avg_pool", "FEATURE_DIM", "INCEPTION_SIZE", "RESIZE_METHOD"):
+        assert getattr(fid, name) is getattr(inception, name)  # re-exported from inception.py
+
+
+def test_three_outputs_come_from_one_pass_and_the_layers_adm_reads(inception_weights):
+    with pytest.warns(UserWarning, match="6726825d"):
+        model, _ = fid.InceptionV3.from_file(inception_weights)
+    seen = []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    images = [torch.randint(0, 256, (3, 32, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(2)]
+    outputs = fid.inception_outputs(model, images, "cpu")
+    hook.remove()
+    assert len(seen) == 1  # the spatial features are read from Mixed_6d's output: no layer runs twice
+    assert [tuple(o.shape) for o in outputs] == [(2, 2048), (2, 2023), (2, 1008)]
+    assert all(o.dtype == torch.float32 for o in outputs)
+    # TF mixed_6/conv = Mixed_6d.branch1x1 after its ReLU; ADM keeps [..., :7] of NHWC and flattens (17 * 17 * 7)
+    expected_spatial = seen[0][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    assert torch.equal(outputs.spatial, expected_spatial) and (outputs.spatial >= 0).all()
+    assert fid.SPATIAL_LAYER == "Mixed_6d.branch1x1" and fid.SPATIAL_DIM == 17 * 17 * 7
+    assert model.Mixed_6d.branch7x7_1.conv.out_channels == 160  # the third 17x17 block, mixed_6's 160-channel towers
+    # the logits of ADM's Inception Score: pool_3 times the softmax weights, without the bias
+    assert torch.allclose(outputs.logits, outputs.pool @ model.fc.weight.T, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(model.fc(outputs.pool) - outputs.logits, model.fc.bias.expand(2, -1), atol=1e-6)
+    assert torch.equal(outputs.pool, fid.inception_features(model, images, "cpu"))  # the FID features unchanged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception Score
+# ----------------------------------------------------------------------------------------------------------------
+
+def inception_score_by_the_formula(probabilities, split_size):
+    """exp(E_x KL(p(y|x) || p(y))) per consecutive split, then the mean, written out as in improved-gan / ADM."""
+    scores = []
+    for start in range(0, len(probabilities), split_size):
+        part = probabilities[start:start + split_size]
+        kl = (part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return np.mean(scores)
+
+
+def softmax_predictions(count, classes, seed, temperature=3.0):
+    logits = np.random.default_rng(seed).standard_normal((count, classes)) * temperature
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+@pytest.mark.parametrize("count, classes, split_size", [(12_345, 1008, 5000), (999, 10, 100), (37, 5, 5000)])
+def test_inception_score_equals_the_formula(count, classes, split_size):
+    predictions = softmax_predictions(count, classes, seed=count)
+    expected = inception_score_by_the_formula(predictions, split_size)
+    assert fid.inception_score(predictions, split_size) == pytest.approx(expected, rel=1e-12)
+    splits = fid.InceptionScoreSplits(split_size)  # the same, fed in uneven batches as the pipeline does
+    for batch in np.array_split(predictions, [1, 700, 701, 4999, 5003, 9000]):
+        splits.update(batch)
+    assert splits.score() == pytest.approx(expected, rel=1e-12)
+    assert splits.num_splits == -(-count // split_size)  # the last split may be shorter, as ADM's range()
+
+
+def test_inception_score_bounds():
+    classes = 10
+    one_class = np.zeros((100, classes))
+    one_class[:, 3] = 1
+    assert fid.inception_score(one_class) == 1.0  # identical predictions: KL 0
+    assert fid.inception_score(np.full((100, classes), 1 / classes)) == pytest.approx(1.0, abs=1e-12)
+    spread = np.eye(classes)[np.arange(200) % classes]  # one-hot, every class equally often
+    assert fid.inception_score(spread) == pytest.approx(classes, rel=1e-12)
+    random = np.random.default_rng(0).dirichlet(np.full(classes, 0.3), size=500)
+    assert 1 <= fid.inception_score(random) <= classes
+    assert np.isfinite(fid.inception_score(random))  # exact zeros count as 0 log 0 = 0
+
+
+def test_inception_score_refuses_logits_and_bad_shapes():
+    with pytest.raises(ValueError, match="sum to 1"):
+        fid.inception_score(np.random.default_rng(0).standard_normal((10, 5)) ** 2)
+    with pytest.raises(ValueError, match=r"\(N, classes\)"):
+        fid.inception_score(np.ones(5) / 5)
+    with pytest.raises(ValueError, match="no predictions"):
+        fid.inception_score(np.zeros((0, 5)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision / recall as ADM computes them
+# ----------------------------------------------------------------------------------------------------------------
+
+def brute_force_adm_precision_recall(real, fake, k=3):
+    """ADM's ManifoldEstimator spelled out: squared distances (scipy, as differences), radius = the k-th entry of a
+    sorted row (the point's own 0 first), membership by <=, precision over fakes, recall over reals."""
+    real_radii = np.sort(cdist(real, real, "sqeuclidean"), axis=1)[:, k]
+    fake_radii = np.sort(cdist(fake, fake, "sqeuclidean"), axis=1)[:, k]
+    distance = cdist(real, fake, "sqeuclidean")  # (N, M)
+    return (distance <= real_radii[:, None]).any(axis=0).mean(), (distance <= fake_radii[None, :]).any(axis=1).mean()
+
+
+@pytest.mark.parametrize("count, dim, block_size", [(300, 16, 97), (2000, 64, 1024)])
+def test_adm_precision_recall_equals_brute_force(count, dim, block_size):
+    rng = np.random.default_rng(dim)
+    real = rng.standard_normal((count, dim))
+    fake = 0.2 + 1.1 * rng.standard_normal((count + 17, dim))
+    expected = brute_force_adm_precision_recall(real, fake)
+    precision, recall = fid.adm_precision_recall(real, fake, k=3)
+    assert precision == pytest.approx(expected[0], abs=1e-12) and recall == pytest.approx(expected[1], abs=1e-12)
+    assert 0 < precision < 1 and 0 < recall < 1  # the sets are far enough apart to test something
+    assert fid.adm_precision_recall(real, fake, block_size=block_size) == (precision, recall)  # blocks: the same
+
+
+def test_adm_balls_are_closed_where_prdc_balls_are_open():
+    """A point with k duplicates has radius 0: ADM's ball (<=) still holds its duplicates, prdc's (<) is empty."""
+    real = np.array([[0.0, 0.0]] * 4 + [[10.0, 0.0]] * 4)
+    fake = np.array([[0.0, 0.0]] * 4 + [[0.0, 10.0]] * 4)
+    assert fid.adm_precision_recall(real, fake, k=3) == (0.5, 0.5)
+    assert brute_force_adm_precision_recall(real, fake) == (0.5, 0.5)
+    naeem = fid.prdc(real, fake, k=3)
+    assert naeem["precision"] == naeem["recall"] == 0.0
+
+
+def test_adm_precision_recall_identical_far_and_nested_sets():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((200, 8))
+    assert fid.adm_precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.adm_precision_recall(real, real + 100) == (0.0, 0.0)
+    narrow = 0.1 * rng.standard_normal((200, 8))  # inside the real cloud, covering little of it
+    precision, recall = fid.adm_precision_recall(real, narrow)
+    assert precision > 0.9 and recall < 0.3  # real first, then fake
+
+
+def test_adm_precision_recall_memory_is_bounded_by_the_block(monkeypatch):
+    """N = 20,000 reference features: every distance matrix is at most block x block, never N x N."""
+    shapes, squared_distances = [], fid.squared_distances
+
+    def recording(a, b):
+        shapes.append((len(a), len(b)))
+        return squared_distances(a, b)
+
+    monkeypatch.setattr(fid, "squared_distances", recording)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(20_000, 3, generator=generator, dtype=torch.float64)
+    fake = torch.randn(3000, 3, generator=generator, dtype=torch.float64)
+    precision, recall = fid.adm_precision_recall(real, fake, block_size=4096)
+    assert max(rows * columns for rows, columns in shapes) == 4096 * 4096  # 134 MB of float64, not 3.2 GB
+    assert len(shapes) == 5 * 5 + 1 + 5  # real radii, fake radii, real x fake
+    assert 0.9 < precision <= 1 and 0.5 < recall <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sFID: the Frechet distance of the spatial statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_sfid_of_identical_sets_is_zero_and_of_shifted_sets_the_closed_form():
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(np.abs(rng.standard_normal((2100, fid.SPATIAL_DIM))))  # full rank, ReLU-like
+    shift = rng.standard_normal(fid.SPATIAL_DIM) * 0.1
+    statistics = fid.FeatureStatistics()
+    for part in features.split(500):
+        statistics.update(part)
+    mu, sigma = statistics.mean_and_covariance()
+    # A shifted set has the same covariance: its term tr(S + S - 2 (S S)^1/2) is the sFID of identical sets, 0,
+    # and ||mu1 - mu2||^2 = ||shift||^2 is left (one call: a 2023-d eigenvalue problem takes seconds on 2 cores).
+    identical_sets_sfid = fid.frechet_distance(mu, sigma, mu + shift, sigma) - shift @ shift
+    assert identical_sets_sfid == pytest.approx(0, abs=1e-9 * np.trace(sigma))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: ADM-layout references, old stats files, rows side by side
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def mean_only_frechet(monkeypatch):
+    """fid.frechet_distance reduced to ||mu1 - mu2||^2 (shapes checked), recording its arguments."""
+    calls = []
+
+    def frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
+        assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == (len(mu1), len(mu1))
+        calls.append((np.asarray(mu1), np.asarray(mu2)))
+        return float(np.square(np.asarray(mu1) - np.asarray(mu2)).sum())
+
+    monkeypatch.setattr(fid, "frechet_distance", frechet)
+    return calls
+
+
+def structured_pixels(count, seed, size=24):
+    pixels = np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    pixels[:, : size // 2] //= 2
+    return pixels
+
+
+def run_eval(tmp_path, inception_weights, ref, samples, *extra):
+    report = tmp_path / "report.json"
+    argv = ["eval", "--ref", str(ref), "--samples", *map(str, samples), "--inception", str(inception_weights),
+            "--json", str(report), "--device", "cpu", "--workers", "0", "--batch-size", "4", *extra]
+    with pytest.warns(UserWarning, match="6726825d"):
+        assert fid.main(argv) == 0
+    return json.loads(report.read_text())
+
+
+def test_eval_of_an_adm_reference_holding_only_images(tmp_path, inception_weights, mean_only_frechet, capsys):
+    pixels = structured_pixels(4, seed=0)
+    reference = write_npz(tmp_path / "VIRTUAL_tiny.npz", pixels)  # ADM's layout: arr_0 alone is enough
+    samples = write_npz(tmp_path / "samples.npz", pixels)
+    report = run_eval(tmp_path, inception_weights, reference, [samples], "--prdc-k", "3")
+    for key in ("fid", "sfid", "inception_score", "precision", "recall", "density", "coverage"):
+        assert isinstance(report[key], float) and np.isfinite(report[key]), key
+    assert report["fid"] == report["sfid"] == 0  # the same images
+    assert report["precision"] == report["recall"] == 1 and report["precision_recall_k"] == 3
+    assert report["precision_recall_num_real"] == report["precision_recall_num_fake"] == 4
+    assert report["inception_score_split_size"] == 5000 and report["inception_score_num_splits"] == 1
+    assert report["reference_num_images"] == 4 and "measured here from the 4 images" in report["reference_statistics"]
+    assert set(report["definitions"]) >= {"fid", "sfid", "inception_score", "precision", "recall"}
+    assert [len(mu) for call in mean_only_frechet for mu in call] == [2048, 2048, 2023, 2023]
+    printed = capsys.readouterr().out
+    assert "| samples | N | FID | sFID | IS | precision | recall |" in printed
+    assert report["markdown_row"] in printed and report["markdown_row"].startswith("| samples.npz | 4 | 0.000 |")
+
+
+def test_tensorflow_statistics_in_a_reference_are_never_mixed_with_ours(tmp_path, inception_weights,
+                                                                        mean_only_frechet):
+    pixels = structured_pixels(4, seed=1)
+    tf_statistics = dict(mu=np.full(2048, 1e3), sigma=np.eye(2048), mu_s=np.full(2023, 1e3), sigma_s=np.eye(2023))
+    adm_reference = write_npz(tmp_path / "VIRTUAL_tiny.npz", pixels, **tf_statistics)
+    meta = {"sampler": "ddim", "steps": 50, "cfg": 1.5, "guidance_interval": [0.0, 0.7]}
+    baseline = write_npz(tmp_path / "baseline.npz", pixels, meta=np.array(json.dumps(meta)))
+    lpl = write_npz(tmp_path / "lpl.npz", structured_pixels(4, seed=2), meta=np.array(json.dumps(dict(meta, cfg=2.0))))
+    report = run_eval(tmp_path, inception_weights, adm_reference, [baseline, lpl], "--prdc-k", "3")
+    baseline_row, lpl_row = report["rows"]
+    assert baseline_row["fid"] == baseline_row["sfid"] == 0 and lpl_row["fid"] > 0  # arr_0 measured, TF mu unused
+    assert all(np.abs(reference_mu).max() < 1e3 for _, reference_mu in mean_only_frechet)
+    assert "mu, sigma, mu_s, sigma_s (another network's statistics) not used" in baseline_row["reference_statistics"]
+    assert lpl_row["sampler_settings"] == {"sampler": "ddim", "steps": 50, "guidance_scale": 2.0,
+                                           "guidance_interval": [0.0, 0.7], "guidance_channels": None}
+    lines = report["markdown"].split("\n")
+    assert len(lines) == 4 and lines[2].startswith("| baseline.npz |") and lines[3].startswith("| lpl.npz |")
+    assert lines[3].endswith("| ddim | 50 | 2.0 | [0.0, 0.7] |")
+
+    statistics_only = write_npz(tmp_path / "tf_statistics.npz", np.zeros(1), **tf_statistics)  # no images
+    with np.load(statistics_only) as data:
+        np.savez(statistics_only, **{key: data[key] for key in tf_statistics})
+    with pytest.raises(SystemExit) as exit:
+        fid.main(["eval", "--ref", str(statistics_only), "--samples", str(baseline), "--inception",
+                  str(inception_weights)])
+    message = str(exit.value)
+    assert message.startswith(f"fid.py eval: error: {statistics_only} holds statistics ['mu', 'sigma', 'mu_s'")
+    assert "no record of the network" in message and "arr_0" in message and "fid.py stats" in message
+    assert "\n" not in message
+
+
+def test_stats_writes_all_three_and_eval_reads_an_older_stats_file(tmp_path, inception_weights, mean_only_frechet):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    pixels = structured_pixels(4, seed=3)
+    for i, image in enumerate(pixels):
+        fid.Image.fromarray(image).save(folder / f"{i}.png")
+    reference = tmp_path / "ref.npz"
+    with pytest.warns(UserWarning, match="6726825d"):
+        fid.main(["stats", "--images", str(folder), "--inception", str(inception_weights), "--out", str(reference),
+                  "--device", "cpu", "--workers", "0"])
+    with np.load(reference) as data:
+        arrays = {key: data[key] for key in data.files}
+    assert arrays["mu_s"].shape == (2023,) and arrays["sigma_s"].shape == (2023, 2023)
+    assert arrays["features"].shape == (4, 2048) and "Mixed_6d" in json.loads(str(arrays["meta"]))["spatial_layer"]
+    older = tmp_path / "older.npz"  # what `fid.py stats` wrote before sFID: no mu_s / sigma_s
+    np.savez(older, **{key: value for key, value in arrays.items() if key not in ("mu_s", "sigma_s")})
+    samples = write_npz(tmp_path / "samples.npz", pixels)
+    report = run_eval(tmp_path, inception_weights, older, [samples], "--prdc-k", "3")
+    assert report["sfid"] is None and "no mu_s / sigma_s" in report["missing"]["sfid"]
+    assert report["fid"] < 1e-20 and report["precision"] == report["recall"] == 1  # the rest as before
+    assert "| samples.npz | 4 | 0.000 | n/a |" in report["markdown_row"]
+
+
+def test_sampler_settings_of_sample_py_meta():
+    meta = {"sampler": "euler", "steps": 250, "cfg": 1.8, "guidance_interval": [0.0, 0.7], "cfg_channels": 3, "seed": 0}
+    assert fid.sampler_settings(meta) == {"sampler": "euler", "steps": 250, "guidance_scale": 1.8,
+                                          "guidance_interval": [0.0, 0.7], "guidance_channels": 3}
+    assert fid.sampler_settings({"cfg_scale": 4.0})["guidance_scale"] == 4.0  # older samples files
+    assert set(fid.sampler_settings(None).values()) == {None}
+    row = {"samples": "/runs/lpl.npz", "num_samples": 50_000, "fid": 2.27, "sfid": 4.6, "inception_score": 278.2,
+           "precision": 0.83, "recall": 0.57, "sampler_settings": fid.sampler_settings(meta)}
+    assert fid.markdown_table([row]).split("\n")[2] == ("| lpl.npz | 50000 | 2.270 | 4.600 | 278.20 | 0.8300 | 0.5700 "
+                                                       "| n/a | n/a | euler | 250 | 1.8 | [0.0, 0.7] |")
 
 
 # ==================================================================================================================

@@ -21,6 +21,7 @@ sample grids from the EMA in OUT/samples/ when there is a decoder. OUT is locked
 import argparse
 import contextlib
 import copy
+import itertools
 import math
 import time
 from pathlib import Path
@@ -34,9 +35,11 @@ import data
 from autoencoder import load_autoencoder
 from lpl import DEPTH_WEIGHTS, MASK_SOURCES, NORMS, LatentPerceptualLoss
 from model import FILE_FORMATS, MODELS, backbone_diffusion, build_from_config, build_model, load_backbone
-from runtime import (UserError, append_jsonl, load_checkpoint, one_line_errors, run_folder, save_checkpoint,
-                     setup_distributed, trim_jsonl)
-from sample import mmdit_model_fn, null_condition, preview_images, save_grid
+from plot import plot_curves
+from runtime import (EXIT_STOPPED, StopSignals, UserError, append_jsonl, check_output_folder, load_checkpoint,
+                     one_line_errors, remove_stale_temporaries, run_folder, save_checkpoint, setup_distributed,
+                     trim_jsonl, wall_clock, write_json)
+from sample import mmdit_model_fn, preview_images, save_grid
 from schedules import OBJECTIVES, Diffusion, split_variance
 from validation import VAL_LEVELS, evaluate
 
@@ -44,7 +47,8 @@ CFG_DROPOUT = 0.1  # fraction of labels / contexts replaced by the null conditio
 EMA_WARMUP = 10  # a fresh run's EMA decay at step k is min(decay, (1 + k) / (EMA_WARMUP + k)): short runs get one
 RESUME_MUST_MATCH = ("model", "backbone", "objective", "global_batch_size", "grad_accum", "seed", "lpl", "lpl_weight",
                      "lpl_threshold", "lpl_blocks", "lpl_norm", "lpl_mask", "lpl_depth_weights", "lpl_start",
-                     "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift")
+                     "lpl_max_samples", "ema_decay", "lr", "weight_decay", "warmup_steps", "grad_clip", "flow_shift",
+                     "precision")
 DEMO = dict(model="demo", steps=600, global_batch_size=32, lr=1e-3, lpl_start=400, ckpt_every=300, log_every=20,
             eval_every=600, val_samples=64)  # python train.py [--lpl]: ~3.5 minutes on 2 CPU cores
 REAL = dict(model="XL/2", steps=400_000, global_batch_size=256, lr=1e-4, lpl_start=0, ckpt_every=50_000,
@@ -53,6 +57,10 @@ REAL = dict(model="XL/2", steps=400_000, global_batch_size=256, lr=1e-4, lpl_sta
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (a non-finite loss, DDP replicas that diverged); the last good checkpoint stays."""
+
+
+class StoppedBySignal(Exception):
+    """A cluster's signal stopped the run after saving the checkpoint of step `args[0]`: exit with EXIT_STOPPED."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +105,8 @@ def build_parser():
     g.add_argument("--lpl-depth-weights", choices=DEPTH_WEIGHTS, default="resolution",
                    help="omega_l = r_1/r_l, or 1 for every layer (ablation)")
     g.add_argument("--lpl-start", type=int, help=f"step at which LPL switches on (Table 4; {real} 0, {demo} 400)")
-    g.add_argument("--lpl-max-samples", type=int, help="per rank: LPL on at most this many gated samples (unbiased)")
+    g.add_argument("--lpl-max-samples", type=int,
+                   help="LPL on at most this many gated samples of each micro-batch of the global batch (unbiased)")
     g.add_argument("--lpl-checkpointing", action="store_true", help="activation checkpointing of the decoder")
     g.add_argument("--lpl-compile", action="store_true", help="torch.compile the decoder (dynamic gated batch)")
     g = p.add_argument_group("EMA, checkpoints, logs, validation")
@@ -106,7 +115,10 @@ def build_parser():
     g.add_argument("--ckpt-every", type=int, help=f"checkpoint period ({real} 50000, {demo} 300)")
     g.add_argument("--log-every", type=int, help=f"log period ({real} 100, {demo} 20)")
     g.add_argument("--sample-every", type=int, help="sample-grid period (default --ckpt-every; 0: none)")
-    g.add_argument("--resume", help="checkpoint to continue bit-exactly ('last': OUT/checkpoints/last.pt)")
+    g.add_argument("--resume", help="checkpoint to continue bit-exactly ('last': OUT/checkpoints/last.pt; 'auto': "
+                                    "last.pt if it exists, else a fresh start: one command for a requeued job)")
+    g.add_argument("--exclude-rows", help="JSON file of dataset rows to leave out (a list, or {\"rows\": [...]}, "
+                                          "as OUT/nonfinite-rows.json); recorded in the checkpoint")
     g.add_argument("--init-from", help="checkpoint whose weights (model and EMA) start a new run; any resolution")
     g.add_argument("--backbone", choices=FILE_FORMATS,
                    help="--init-from is a released DiT / SiT / REPA checkpoint (model.load_backbone): the model and "
@@ -125,6 +137,10 @@ def parse_args(argv=None):
 def check_args(args):
     """Defaults that depend on demo vs real run, then every flag check that needs no file read."""
     demo, defaults = args.data is None, vars(parse_args([]))
+    if args.resume == "auto":  # a requeued job: continue the run if it has a checkpoint, else start it
+        out = args.out or ("runs/demo" if demo else None)
+        if out is None or not (Path(out) / "checkpoints" / "last.pt").exists():
+            args.resume = None
     lpl_flags = [f"--{k.replace('_', '-')}" for k in defaults if k.startswith("lpl_") and getattr(args, k) != defaults[k]]
     if not args.lpl and lpl_flags:
         raise UserError(f"{', '.join(lpl_flags)} given without --lpl: they would do nothing")
@@ -152,14 +168,27 @@ def check_args(args):
         args.vae = args.vae or str(data.DEMO_VAE)
     if args.out is None:
         raise UserError("--out DIR is required with --data (checkpoints go to DIR/checkpoints)")
+    check_output_folder(args.out, "--out")
     args.sample_every = args.ckpt_every if args.sample_every is None else args.sample_every
-    args.eval_every = args.eval_every or args.ckpt_every
+    args.eval_every = args.ckpt_every if args.eval_every is None else args.eval_every
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.vae_dtype = args.vae_dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     for flag in ("steps", "global_batch_size", "grad_accum", "ckpt_every", "log_every", "eval_every", "val_samples",
                  "val_draws"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.sample_every < 0 or args.lpl_start < 0:
         raise UserError("--sample-every and --lpl-start must be >= 0")
+    if args.lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        raise UserError(f"--lr must be positive, --weight-decay and --grad-clip >= 0 (0: none), got {args.lr}, "
+                        f"{args.weight_decay}, {args.grad_clip}")
+    if args.warmup_steps < 0 or args.seed < 0:
+        raise UserError(f"--warmup-steps and --seed must be >= 0, got {args.warmup_steps} and {args.seed}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.lpl and (args.lpl_weight <= 0 or args.lpl_start >= args.steps):
+        raise UserError(f"--lpl-weight must be positive and --lpl-start below --steps {args.steps} (LPL would never "
+                        f"act), got {args.lpl_weight} and {args.lpl_start}")
     if args.lpl and args.vae is None:
         raise UserError("--lpl needs --vae PATH, the autoencoder whose decoder defines the loss")
     if args.resume and args.init_from:
@@ -232,7 +261,8 @@ class Trainer:
         self.args, self.rank, self.world, self.device = args, rank, world, device
         if resume is not None:
             started_as(args, resume)
-        self.log = print if rank == 0 else (lambda *a, **k: None)
+        self.log = (lambda message: print(f"{wall_clock()} {message}", flush=True)) if rank == 0 else \
+            (lambda message: None)
         self.out, self.autocast_dtype = Path(args.out), torch.bfloat16 if args.precision == "bf16" else None
         self.data = data.LatentDataset(args.data)
         self.val = data.LatentDataset(args.val_data, "--val-data") if args.val_data else None
@@ -240,18 +270,22 @@ class Trainer:
             raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x "
                             f"--grad-accum {args.grad_accum}")
         self.micro_batch = args.global_batch_size // (world * args.grad_accum)
-        self.sampler = data.EpochSampler(len(self.data), self.micro_batch, rank, world, args.seed)
+        excluded = set(resume.get("excluded_rows", [])) if resume is not None else set()  # they accumulate
+        if args.exclude_rows:
+            excluded |= data.read_rows(args.exclude_rows, len(self.data), "--exclude-rows")
+        self.sampler = data.EpochSampler(len(self.data), self.micro_batch, rank, world, args.seed, excluded)
+        self.data_position = self.sampler.state_dict()  # of the batches consumed (the prefetch thread runs ahead)
         self.ae = self.load_vae()
         self.lpl = self.build_lpl()
         self.model = self.build_model(resume)
         self.diffusion = self.build_diffusion()
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, device)
-        # Per rank: times, label dropout and LPL sub-batches on a CPU generator (the LPL gate needs no host-device
-        # sync), noise on a device generator. Validation and sample grids use generators of their own.
-        self.cpu_generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
-        self.noise_generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank + 500)
+        self.batches = data.StepBatches(self.data, self.sampler, self.diffusion, args.seed, args.grad_accum,
+                                        CFG_DROPOUT, choose=self.lpl_sub_batch if self.lpl is not None else None)
         self.step = 0
+        self.period = []  # (step, rows) of every micro-batch since the last log
+        self.cpu_group = dist.new_group(backend="gloo") if world > 1 else None  # the stop flag's all_reduce
         if resume is not None:
             self.load_state_dict(resume)
             self.log(f"resumed from {args.resume} at step {self.step}")
@@ -264,6 +298,8 @@ class Trainer:
                 self.train_model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
         self.model_fn = mmdit_model_fn(self.model, forward=self.train_model)  # (x, t, condition) -> prediction
+        if self.val is not None:
+            self.check_validation_set()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -301,6 +337,23 @@ class Trainer:
         self.log(f"LPL: w {args.lpl_weight}, {lpl.n_blocks} blocks, tau {lpl.tau(self.data.resolution):g} at "
                  f"{self.data.resolution}px, norm {args.lpl_norm}, mask from {args.lpl_mask}, from step {args.lpl_start}")
         return lpl
+
+    def check_validation_set(self):
+        """Everything validation needs, before step 1 (not after a checkpoint period of days): its rows are the
+        training rows' kind, and one of them runs through evaluate on rank 0."""
+        val, ours = self.val, self.data
+        if (val.latent_shape, val.conditioning, val.class_names) != (ours.latent_shape, ours.conditioning,
+                                                                     ours.class_names):
+            raise UserError(f"--val-data {self.args.val_data} holds {val.latent_shape} latents, {val.conditioning} "
+                            f"conditioning, classes {val.class_names}; --data holds {ours.latent_shape}, "
+                            f"{ours.conditioning}, {ours.class_names}")
+        if self.rank == 0:
+            try:
+                evaluate(self.ema, self.diffusion, val, self.ae, self.lpl, count=1, device=self.device,
+                         autocast_dtype=self.autocast_dtype)
+            except Exception as error:  # noqa: BLE001 (whatever it is, it would stop the run at its first evaluation)
+                raise UserError(f"--val-data {self.args.val_data}: validation fails before step 1 "
+                                f"({type(error).__name__}: {' '.join(str(error).split())})") from error
 
     def build_model(self, resume):
         """The network: a released DiT / SiT / REPA file (--backbone), the layout of a resumed checkpoint, or the
@@ -354,25 +407,29 @@ class Trainer:
     # -- state: weights, optimiser, step, RNG streams, data position ----------------------------------------------
 
     def state_dict(self):
-        """This rank's complete state; save_checkpoint gathers every rank's RNG streams into one checkpoint."""
+        """The run's complete state: every random number is keyed by (seed, step, position) (keyed_draws), so
+        weights, optimiser, step and data position are all an exact resume needs, on any number of ranks."""
         return dict(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
-                    step=self.step, rng=dict(cpu=self.cpu_generator.get_state(),
-                                             noise=self.noise_generator.get_state().cpu()),
-                    data=self.sampler.state_dict())
+                    step=self.step, data=self.data_position)
 
     def load_state_dict(self, checkpoint):
+        saved, ours = checkpoint.get("dataset"), self.data.identity()
+        if saved is not None and saved != ours:
+            different = [f"{key} {saved.get(key)} vs {value}" for key, value in ours.items() if saved.get(key) != value]
+            raise UserError(f"--resume: the run was trained on another dataset than --data {self.args.data} ("
+                            f"{'; '.join(different)}); a resume needs the same rows (the folder may have moved)")
         self.load_weights(checkpoint, "--resume")
         if getattr(self.model, "backbone", None):
             self.model.unused = dict(checkpoint.get("backbone_unused") or {})
             self.model.source_keys = checkpoint.get("backbone_keys")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if len(checkpoint["rng"]) != self.world:
-            raise UserError(f"--resume was written by {len(checkpoint['rng'])} ranks, this run has {self.world}: a "
-                            "bit-exact continuation needs the same number")
-        self.cpu_generator.set_state(checkpoint["rng"][self.rank]["cpu"])
-        self.noise_generator.set_state(checkpoint["rng"][self.rank]["noise"])
         self.sampler.load_state_dict(checkpoint["data"])
+        self.data_position = checkpoint["data"]
         self.step = checkpoint["step"]
+        written_by = checkpoint.get("world_size", self.world)
+        if written_by != self.world:
+            self.log(f"--resume: written by {written_by} ranks, continued on {self.world}: the same global batches, "
+                     "the same random numbers (keyed by position), the same run up to float rounding")
 
     def load_weights(self, checkpoint, flag):
         saved, ours = checkpoint["model_config"], self.model.config
@@ -385,23 +442,22 @@ class Trainer:
         self.ema.load_state_dict(checkpoint["ema"])
 
     def save_checkpoint(self):
-        """Every rank's RNG state and weights checksum are gathered; if all ranks hold the same model and EMA,
-        rank 0 writes step-N.pt atomically and points last.pt at it."""
+        """Every rank's weights checksum is gathered; if all ranks hold the same model and EMA, rank 0 writes
+        step-N.pt atomically and points last.pt at it."""
         state = self.state_dict()
-        mine = dict(rng=state["rng"], checksum=weights_checksum([*state["model"].values(), *state["ema"].values()]))
-        states = [mine]
+        checksums = [weights_checksum([*state["model"].values(), *state["ema"].values()])]
         if self.world > 1:
-            states = [None] * self.world
-            dist.all_gather_object(states, mine)
-        checksums = [s["checksum"] for s in states]
+            mine, checksums = checksums[0], [None] * self.world
+            dist.all_gather_object(checksums, mine)
         if len(set(checksums)) > 1:  # every rank sees the same list, so every rank stops
             raise TrainingStopped(f"at step {self.step} the ranks hold different weights (checksums {checksums}): the "
                                   f"DDP replicas diverged; stopping without saving: {self.last_good_checkpoint()}")
         if self.rank == 0:
-            state.update(rng=[s["rng"] for s in states], replica_checksums=checksums, args=vars(self.args),
+            state.update(replica_checksums=checksums, world_size=self.world, args=vars(self.args),
                          model_config=self.model.config, diffusion=self.diffusion.config(),
                          class_names=self.data.class_names, resolution=self.data.resolution,
-                         latent_scaling=self.data.latent_scaling)
+                         latent_scaling=self.data.latent_scaling, dataset=self.data.identity(),
+                         excluded_rows=sorted(self.sampler.excluded))
             if getattr(self.model, "backbone", None):  # what `python model.py export` gives back (REPA's projectors)
                 state.update(backbone_unused=self.model.unused, backbone_keys=self.model.source_keys)
             self.log(f"saved {save_checkpoint(state, self.out / 'checkpoints', self.step)}")
@@ -414,30 +470,30 @@ class Trainer:
 
     # -- one optimiser step ---------------------------------------------------------------------------------------
 
+    def lpl_sub_batch(self, t_all, keys, positions):
+        """(this rank's samples that get LPL, how many of them passed the gate, the weight): the gate over the
+        global micro-batch, and with --lpl-max-samples K the K gated samples of the smallest keys, weighted by
+        gated / K (unbiased): the same samples on any number of ranks."""
+        gated = self.diffusion.sigma_ratio(t_all) <= self.lpl.tau(self.data.resolution)
+        passed, weight = int(gated.sum()), 1.0
+        chosen = gated.clone()
+        if self.args.lpl_max_samples is not None and passed > self.args.lpl_max_samples:
+            smallest = torch.where(gated, keys, math.inf).argsort()[: self.args.lpl_max_samples]
+            chosen = torch.zeros_like(gated).index_fill_(0, smallest, True)
+            weight = passed / self.args.lpl_max_samples
+        mine = chosen[positions].nonzero().squeeze(1)  # indices into this rank's micro-batch
+        return mine, int(gated[positions].sum()), weight
+
     def next_batches(self):
-        """grad_accum micro-batches: latents, condition (10% replaced by the null condition), t (CPU), noise."""
-        batches = []
-        for _ in range(self.args.grad_accum):
-            indices = self.sampler.next_indices()
-            latents, condition = self.data.get(indices)
-            drop = torch.rand(len(latents), generator=self.cpu_generator) < CFG_DROPOUT
-            if condition is not None:
-                null = null_condition(self.model, condition)
-                condition = torch.where(drop.view(-1, *[1] * (condition.dim() - 1)), null, condition)
-                condition = condition.to(self.device, non_blocking=True)
-            t = self.diffusion.sample_t(len(latents), generator=self.cpu_generator)
-            z0 = latents.to(self.device, non_blocking=True)
-            if self.data.posterior_std:  # z0 ~ N(mean, std^2), a fresh sample of the posterior each time (DiT)
-                std = self.data.get_std(indices).to(self.device, non_blocking=True)
-                z0 = z0 + std * torch.randn(z0.shape, generator=self.noise_generator, device=self.device)
-            noise = torch.randn(z0.shape, generator=self.noise_generator, device=self.device)
-            batches.append(dict(z0=z0, condition=condition, t=t, noise=noise))
-        return batches
+        """The device micro-batches of the next step, prepared here (train() prepares them ahead, in a thread)."""
+        host = self.batches.host(self.step)
+        self.data_position = host["data"]
+        return self.batches.to_device(host, self.device)
 
     def lpl_active(self):
         return self.lpl is not None and self.step >= self.args.lpl_start
 
-    def losses(self, z0, condition, t, noise):
+    def losses(self, z0, condition, t, noise, rows=None, chosen=None):
         """(L_tot, stats) of one micro-batch."""
         t_device = t.to(self.device, non_blocking=True)
         zt = self.diffusion.add_noise(z0, noise, t_device)
@@ -452,7 +508,7 @@ class Trainer:
             if not self.lpl_active():
                 return loss_diffusion, stats
             z0_hat = self.diffusion.x0_from_pred(zt, prediction, t_device)  # Table 1
-            loss_lpl, lpl_stats = self.lpl(z0_hat, z0, self.diffusion.sigma_ratio(t), generator=self.cpu_generator)
+            loss_lpl, lpl_stats = self.lpl(z0_hat, z0, self.diffusion.sigma_ratio(t), chosen=chosen)
         stats.update(lpl=loss_lpl.detach(), **{f"lpl_{k}": v for k, v in lpl_stats.items()})
         return loss_diffusion + self.args.lpl_weight * loss_lpl, stats  # L_tot = L_diff + w_LPL L_LPL
 
@@ -467,6 +523,7 @@ class Trainer:
                 loss, stats = self.losses(**batch)
                 (loss / len(batches)).backward()
             stats["loss"] = loss.detach()
+            self.period.append((self.step + 1, batch["rows"]))
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0) + value / len(batches)
         max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
@@ -479,7 +536,7 @@ class Trainer:
 
     # -- logs, validation, sample grids ---------------------------------------------------------------------------
 
-    def write_log(self, sums, steps, seconds):
+    def write_log(self, sums, steps, seconds, data_wait=0.0, data_prepare=0.0):
         """All-reduce the means since the last log (the loop's only sync point) and append one JSON line. A
         non-finite loss stops the run here, before anything is written: the last good checkpoint stays intact."""
         names = sorted(sums)
@@ -487,32 +544,63 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(values)
             values /= self.world
-        record = dict(step=self.step, **dict(zip(names, values.tolist())))
+        record = dict(step=self.step, time=wall_clock(), **dict(zip(names, values.tolist())))
         if not math.isfinite(record["loss"]):
-            raise TrainingStopped(f"non-finite loss in steps {self.step - steps + 1}..{self.step}; stopping: "
-                                  f"{self.last_good_checkpoint()}")
-        record.update(lr=self.optimizer.param_groups[0]["lr"],
-                      img_per_s=steps * self.args.global_batch_size / seconds)
+            self.stop_at_non_finite_rows()
+        self.period = []
+        record.update(lr=self.optimizer.param_groups[0]["lr"], img_per_s=steps * self.args.global_batch_size / seconds,
+                      step_ms=1000 * seconds / steps, data_wait_ms=1000 * data_wait / steps,
+                      data_prepare_ms=1000 * data_prepare / steps)
         if self.device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.append_log(record)
         return record
+
+    def stop_at_non_finite_rows(self):
+        """The loss is not finite: the first step since the last log whose rows hold non-finite values, found by
+        reading them again on every rank (written to OUT/nonfinite-rows.json for --exclude-rows); then stop."""
+        bad = [(step, rows[~torch.isfinite(self.data.get(rows)[0]).flatten(1).all(1)].tolist())
+               for step, rows in self.period]
+        first = min((step for step, found in bad if found), default=math.inf)
+        mine = (first, [row for step, found in bad if step == first for row in found])
+        everyone = [mine] * self.world
+        if self.world > 1:
+            dist.all_gather_object(everyone, mine)
+        step = min(first for first, _ in everyone)
+        rows = sorted({row for first, found in everyone if first == step for row in found})
+        if not rows:
+            raise TrainingStopped(f"non-finite loss in steps {self.period[0][0]}..{self.step}, whose rows are finite: "
+                                  f"the update diverged; stopping: {self.last_good_checkpoint()}")
+        if self.rank == 0:
+            write_json(self.out / "nonfinite-rows.json", dict(step=step, data=str(self.args.data), rows=rows))
+        raise TrainingStopped(f"non-finite loss at step {step}: rows {rows[:20]} of --data {self.args.data} hold "
+                              f"non-finite values (all of them in {self.out / 'nonfinite-rows.json'}: exclude them "
+                              f"with --exclude-rows FILE --resume last; `python data.py check` finds every bad "
+                              f"row); stopping: {self.last_good_checkpoint()}")
 
     def append_log(self, record):
         if self.rank == 0:
             append_jsonl(self.out / "log.jsonl", record)
 
     def validate(self):
-        """Rank 0 evaluates the EMA and the raw weights on --val-data (evaluate); the other ranks wait."""
+        """Rank 0 evaluates the EMA and the raw weights on --val-data (evaluate); the other ranks wait. A failure is
+        logged and reported and training goes on: the checkpoint of this step is already written."""
         if self.rank == 0:
             for name, model in (("ema", self.ema), ("raw", self.model)):
-                figures = evaluate(model.eval(), self.diffusion, self.val, self.ae, self.lpl,
-                                   count=self.args.val_samples, draws=self.args.val_draws,
-                                   batch_size=self.micro_batch, seed=self.args.seed, device=self.device,
-                                   autocast_dtype=self.autocast_dtype)
-                self.model.train()
-                self.append_log(dict(step=self.step, eval=name, **figures))
-                near = min(range(len(VAL_LEVELS)), key=lambda i: abs(VAL_LEVELS[i] - 1))
+                try:
+                    figures = evaluate(model.eval(), self.diffusion, self.val, self.ae, self.lpl,
+                                       count=self.args.val_samples, draws=self.args.val_draws,
+                                       batch_size=self.micro_batch, seed=self.args.seed, device=self.device,
+                                       autocast_dtype=self.autocast_dtype)
+                except Exception as error:  # noqa: BLE001 (a validation failure must not end a run of days)
+                    message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+                    self.append_log(dict(step=self.step, time=wall_clock(), eval=name, error=message))
+                    self.log(f"validation ({name}) at step {self.step} FAILED, training goes on: {message}")
+                    continue
+                finally:
+                    self.model.train()
+                self.append_log(dict(step=self.step, time=wall_clock(), eval=name, **figures))
+                near = VAL_LEVELS.index(1.0)
                 decoded = f", PSNR {figures['psnr'][near]:.2f} dB, HF error {figures['hf_error'][near]:.3f}" \
                     if "psnr" in figures else ""
                 self.log(f"validation ({name}) at step {self.step}, sigma/alpha 1: diffusion loss "
@@ -534,55 +622,101 @@ class Trainer:
         save_grid(images, path)
         self.log(f"sample grid {path}")
 
+    def draw_curves(self):
+        """OUT/curves.png from log.jsonl (plot.py), on rank 0; a figure that fails to draw is logged, not fatal."""
+        if self.rank == 0:
+            try:
+                plot_curves([self.out / "log.jsonl"], self.out / "curves.png", names=[self.out.name])
+            except Exception as error:  # noqa: BLE001 (a plot must not end a run)
+                self.log(f"curves.png not drawn: {type(error).__name__}: {error}")
+
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def train(self):
+        """The loop. A SIGTERM, SIGINT or SIGUSR1 (StopSignals) stops every rank after the same step, with a
+        checkpoint of that step: the same command then continues the run."""
         args = self.args
         if self.rank == 0:  # on resume, drop the lines a crashed run wrote after the checkpoint; fresh: all
             trim_jsonl(self.out / "log.jsonl", self.step)
+            remove_stale_temporaries(self.out / "checkpoints")  # left by kills during a write; we hold the lock
         if self.step >= args.steps:
             self.log(f"nothing to do: the checkpoint is at step {self.step}, --steps is {args.steps}")
             return
         self.log(f"training {args.steps - self.step} steps, global batch {args.global_batch_size} = {self.world} ranks"
                  f" x {self.micro_batch} x {args.grad_accum} accumulation; out {self.out}")
         progress = tqdm(total=args.steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
-        sums, steps, started = {}, 0, time.perf_counter()
-        while self.step < args.steps:
-            lpl_was_active = self.lpl_active()
-            for name, value in self.train_step(self.next_batches()).items():
-                sums[name] = sums.get(name, 0) + value  # device tensors: no sync
-            steps += 1
-            progress.update(1)
-            at_end, step = self.step == args.steps, self.step
-            evaluate_now = self.val is not None and (step % args.eval_every == 0 or at_end)
-            save_now = step % args.ckpt_every == 0 or at_end
-            grid_now = args.sample_every and (step % args.sample_every == 0 or at_end)
-            # a log before anything is written or evaluated: it stops the run at a non-finite loss
-            if step % args.log_every == 0 or at_end or save_now or evaluate_now or lpl_was_active != self.lpl_active():
-                record = self.write_log(sums, steps, time.perf_counter() - started)
-                progress.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "diffusion", "lpl") if k in record})
-                sums, steps, started = {}, 0, time.perf_counter()
-            if evaluate_now:
-                self.validate()
-            if save_now:
-                self.save_checkpoint()
-            if grid_now:
-                self.sample_grid()
+        sums, steps, started, data_wait, data_prepare = {}, 0, time.perf_counter(), 0.0, 0.0
+        upcoming = itertools.count(self.step)  # the steps the prefetch thread prepares, ahead of self.step
+        with StopSignals() as signals, data.Prefetcher(lambda: self.batches.host(next(upcoming))) as prefetched:
+            while self.step < args.steps:
+                lpl_was_active = self.lpl_active()
+                waited = time.perf_counter()
+                host = next(prefetched)
+                batches = self.batches.to_device(host, self.device)
+                data_wait += time.perf_counter() - waited  # what the data costs the training thread
+                data_prepare += host["seconds"]  # what it would cost it without the prefetch thread
+                self.data_position = host["data"]
+                for name, value in self.train_step(batches).items():
+                    sums[name] = sums.get(name, 0) + value  # device tensors: no sync
+                steps += 1
+                progress.update(1)
+                stop = self.stop_agreed(signals.requested)
+                at_end, step = self.step == args.steps or stop, self.step
+                save_now = step % args.ckpt_every == 0 or at_end
+                evaluate_now = self.val is not None and (step % args.eval_every == 0 or at_end) and not stop
+                grid_now = args.sample_every and (step % args.sample_every == 0 or at_end) and not stop
+                # a log before anything is written or evaluated: it stops the run at a non-finite loss
+                if step % args.log_every == 0 or save_now or evaluate_now or lpl_was_active != self.lpl_active():
+                    record = self.write_log(sums, steps, time.perf_counter() - started, data_wait, data_prepare)
+                    progress.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "diffusion", "lpl") if k in record})
+                    sums, steps, started, data_wait, data_prepare = {}, 0, time.perf_counter(), 0.0, 0.0
+                if save_now:  # before validation: an error there never costs this checkpoint
+                    self.save_checkpoint()
+                if evaluate_now:
+                    self.validate()
+                if grid_now:
+                    self.sample_grid()
+                if save_now:
+                    self.draw_curves()
+                if stop:
+                    self.stopped(signals.received)
         progress.close()
+        (self.out / "stopped.json").unlink(missing_ok=True)
 
+    def stop_agreed(self, requested):
+        """A signal that reached one rank stops them all after the same step: a max over ranks of one flag, on a
+        CPU group (gloo), so it costs no host-device sync."""
+        if self.world == 1:
+            return requested
+        flag = torch.tensor([int(requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(flag)
+
+    def stopped(self, received):
+        """After a signal: the checkpoint of this step is written; say so, leave OUT/stopped.json for a requeue
+        script, and exit with EXIT_STOPPED."""
+        if self.rank == 0:
+            write_json(self.out / "stopped.json", dict(step=self.step, signal=received, time=wall_clock()))
+        self.log(f"stopped by {received or 'a signal on another rank'} at step {self.step}, checkpoint written: the "
+                 f"same command with --resume last (or auto) continues the run")
+        raise StoppedBySignal(self.step)
 
 
 def main(argv=None):
-    """The command line: a bad flag or file, or a run that had to stop, is one line `error: ...`, no traceback."""
-    with one_line_errors(also=(TrainingStopped,)):
-        run(check_args(parse_args(argv)))
+    """The command line: a bad flag or file, or a run that had to stop, is one line `error: ...`, no traceback; a
+    run stopped by a signal (its checkpoint written) exits with status EXIT_STOPPED."""
+    try:
+        with one_line_errors(also=(TrainingStopped,)):
+            run(check_args(parse_args(argv)))
+    except StoppedBySignal:
+        raise SystemExit(EXIT_STOPPED) from None
 
 
 def run(args):
     """Loads what a resume needs, starts the processes, makes the demo data if asked, trains in a locked folder."""
     resume = None
     if args.resume:
-        path = Path(args.out) / "checkpoints" / "last.pt" if args.resume == "last" else Path(args.resume)
+        path = Path(args.out) / "checkpoints" / "last.pt" if args.resume in ("last", "auto") else Path(args.resume)
         resume = load_checkpoint(path, "--resume", mmap=True)
         started_as(args, resume)
         check_resume_args(resume, args, path)
@@ -590,8 +724,6 @@ def run(args):
         raise UserError(f"{args.out}/checkpoints/last.pt exists: continue that run with --resume last, or start a "
                         f"new one in another --out (or remove {args.out})")
     rank, world, device = setup_distributed()
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    args.vae_dtype = args.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     demo = args.data is None
