@@ -648,18 +648,28 @@ def demo_crops(photo, count, size, rng):
     with Image.open(photo) as image:
         array = np.asarray(rgb_image(image))
     height, width = array.shape[:2]
+    if min(height, width) < size:
+        raise UserError(f"{photo}: {width}x{height} pixels, smaller than the {size}x{size} crops")
     tops, lefts = rng.integers(0, height - size + 1, count), rng.integers(0, width - size + 1, count)
     return [array[top: top + size, left: left + size] for top, left in zip(tops, lefts)]
 
 
-def build_demo_data(cache, resolution=DEMO_RESOLUTION, log=print):
-    """assets/photos -> cache/train and cache/val flat-file datasets (cached: skipped when both exist). The crops
-    are written as PNG files to cache/images/{train,val}/ and encoded by encode_folder, as a real dataset would be."""
-    cache, photos = Path(cache), sorted((ASSETS / "photos").glob("*.png"))
-    if len(photos) <= DEMO_VALIDATION_PHOTOS:
-        raise UserError(f"the demo needs the photos in {ASSETS / 'photos'} (found {len(photos)}); is the checkout complete?")
-    splits = dict(train=(photos[:-DEMO_VALIDATION_PHOTOS], DEMO_TRAIN_CROPS, True),
-                  val=(photos[-DEMO_VALIDATION_PHOTOS:], DEMO_VALIDATION_CROPS, False))
+def build_demo_data(cache, resolution=DEMO_RESOLUTION, log=print, photos=None, held_out=None, crops=None):
+    """Photos -> cache/train and cache/val flat-file datasets (cached: skipped when both exist). The crops are
+    written as PNG files to cache/images/{train,val}/ and encoded by encode_folder, as a real dataset would be.
+    photos: the image files (default: assets/photos); held_out: those of them that make the validation set (default:
+    the last DEMO_VALIDATION_PHOTOS by name); the others make the training set. crops: (training, held-out) crops
+    per photo (default DEMO_TRAIN_CROPS, DEMO_VALIDATION_CROPS)."""
+    cache = Path(cache)
+    photos = sorted((ASSETS / "photos").glob("*.png")) if photos is None else list(photos)
+    held_out = photos[-DEMO_VALIDATION_PHOTOS:] if held_out is None else list(held_out)
+    training = [photo for photo in photos if photo not in held_out]
+    if not training or not held_out:
+        raise UserError(f"the demo data needs photos to train on and photos to hold out: {len(training)} and "
+                        f"{len(held_out)} of {len(photos)} (the default photos: {ASSETS / 'photos'}; is the checkout "
+                        f"complete?)")
+    train_crops, val_crops = crops or (DEMO_TRAIN_CROPS, DEMO_VALIDATION_CROPS)
+    splits = dict(train=(training, train_crops, True), val=(held_out, val_crops, False))
     if all((cache / split / "meta.json").exists() for split in splits):
         log(f"demo: using the cached datasets in {cache}")
         return cache / "train", cache / "val"

@@ -1,5 +1,6 @@
-"""The project's figures, drawn with Pillow alone: the power spectra of `fid.py spectrum` (paper Fig. 4 and 5) and
-the training curves of a run (train.py redraws OUT/curves.png at every checkpoint).
+"""The project's figures, drawn with Pillow alone: the power spectra of `fid.py spectrum` (paper Fig. 4 and 5),
+replicate.py's trade-off of HF error against latent MSE (Fig. 9 at toy scale) and the training curves of a run
+(train.py redraws OUT/curves.png at every checkpoint).
 
     python plot.py curves runs/x/log.jsonl --out curves.png                    # one run
     python plot.py curves runs/ab/base-seed0/log.jsonl runs/ab/lpl-seed0/log.jsonl --out ab.png   # two, overlaid
@@ -100,6 +101,25 @@ def plot_spectra(path, comparison, title):
     draw_legend(draw, 660, 120, [(n, colors[n]) for n in names], font)
     with atomic_output(path) as temporary:
         image.save(temporary, format="PNG")
+
+
+def plot_tradeoff(path, points, title, x_label, y_label):
+    """PNG of one point per arm, points [(name, x, x_se, y, y_se)], with +- 1 standard error bars both ways (the
+    trade-off of replicate.py: HF error change against latent MSE change)."""
+    image = Image.new("RGB", (900, 700), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=15)
+    draw.text((450, 22), title, fill="black", font=ImageFont.load_default(size=18), anchor="mt")
+    curves = []
+    for index, (name, x, x_se, y, y_se) in enumerate(points):
+        color = COLORS[index % len(COLORS)]
+        curves += [(name, [x], [y], color), ("", [x - x_se, x + x_se], [y, y], color),
+                   ("", [x, x], [y - y_se, y + y_se], color)]
+    draw_panel(draw, (100, 90, 860, 610), curves, "", x_label, y_label, font)
+    draw_legend(draw, 855, 95, [(name, color) for name, _, _, color in curves if name], font)
+    with atomic_output(path) as temporary:
+        image.save(temporary, format="PNG")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

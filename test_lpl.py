@@ -5744,13 +5744,40 @@ def test_replicate_is_its_own_command_and_no_longer_a_bench_command():
     import replicate
     settings = replicate.parse_args(["--out", "x", "--preset", "gpu", "--post-steps", "5"])
     assert (settings.post_steps, settings.seeds, settings.model) == (5, [0, 1, 2], "S/2")  # the rest: the preset's
+    assert replicate.parse_args(["--out", "x", "--quick"]).post_steps == replicate.REPLICATE_PRESETS["quick"]["post_steps"]
+    arms = replicate.arms_of(replicate.parse_args(["--out", "x"]))
+    assert arms == {"base": [], "lpl-w0.3": ["--lpl", "--lpl-weight", "0.3"], "lpl-w3": ["--lpl", "--lpl-weight", "3"],
+                    "lpl-target-l2-w120": ["--lpl", "--lpl-norm", "target-l2", "--lpl-weight", "120"]}
+    assert replicate.paper_arm(arms) == "lpl-w3"
+    photos = [f"p{i:02d}" for i in range(12)]
+    assert replicate.fold_photos(photos, 3) == [photos[:4], photos[4:8], photos[8:]]  # the last: the demo's held-out
+    assert replicate.fold_photos(photos[:5], 2) == [photos[:2], photos[2:5]]
+
+
+def test_replicate_refuses_what_it_cannot_run(tmp_path, capsys):
+    import replicate
+    for flags, message in ((["--folds", "1"], "--folds must be at least 2"),
+                           (["--lpl-weights", "0"], "--lpl-weights must be positive"),
+                           (["--post-steps", "0"], "--post-steps must be at least 1"), ([], "--out is required")):
+        with pytest.raises(SystemExit):
+            replicate.main(flags if not flags else ["--out", str(tmp_path / "x"), *flags])
+        assert message in capsys.readouterr().err
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(photos / f"p{i}.png")
+    with pytest.raises(SystemExit, match="3 photos for 2 folds"):
+        replicate.main(["--out", str(tmp_path / "x"), "--photos", str(photos), "--folds", "2"])
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(photos / "p3.png")
+    with pytest.raises(SystemExit, match=r"p\d.png: 48x48 pixels, smaller than the 64x64 crops"):
+        replicate.main(["--out", str(tmp_path / "x"), "--photos", str(photos), "--folds", "2", "--quick"])
 
 
 def test_paired_change_is_over_rows_with_one_seed_and_over_seeds_with_several():
     from replicate import paired_change
 
-    def record(rows):
-        return {"rows_of": {"hf_error": [rows]}}
+    def record(rows, name="hf_error"):
+        return {"rows_of": {name: [rows]}}
     base, lpl = record([1.0, 2.0, 3.0]), record([0.9, 1.9, 2.6])  # differences -0.1, -0.1, -0.4; base mean 2
     change, error = paired_change([base], [lpl], "hf_error", 0)
     assert change == pytest.approx(-10.0) and error == pytest.approx(np.std([-0.1, -0.1, -0.4], ddof=1) / 3 ** 0.5 * 50)
@@ -5758,30 +5785,83 @@ def test_paired_change_is_over_rows_with_one_seed_and_over_seeds_with_several():
     assert change == pytest.approx(-5.0) and error == pytest.approx(5.0)  # seeds' changes -10% and 0%
     logs = [{"rows_of": {"hf_log_ratio": [[-0.2, -0.1]]}}, {"rows_of": {"hf_log_ratio": [[-0.1, 0.0]]}}]
     assert paired_change(logs[:1], logs[1:], "hf_log_ratio", 0)[0] == pytest.approx(0.1)  # a difference
+    assert paired_change([record([20.0, 22.0], "psnr")], [record([19.5, 21.9], "psnr")], "psnr", 0)[0] == \
+        pytest.approx(-0.3)  # dB
 
 
-def test_replicate_trains_both_arms_from_one_checkpoint_and_compares_them(tmp_path, monkeypatch):
-    """`python replicate.py` at a few steps: pre-training, two post-trainings from its checkpoint, the evaluation
-    of both on the held-out photos, the spectra of their samples, the table. The demo data is made here with fewer
-    crops per photo (4 for training, 1 held out): 36 crops to encode instead of 640."""
+def test_fold_changes_are_paired_within_folds_and_spread_over_folds():
+    from replicate import fold_changes
+
+    def fold(base_rows, lpl_rows):
+        def record(rows):
+            return {"hf_error": [float(np.mean(rows))], "lpl": [None], "rows_of": {"hf_error": [rows], "lpl": [None]}}
+        return {"per_seed": {"base": [record(base_rows)], "lpl": [record(lpl_rows)]}}
+    folds = [fold([1.0, 3.0], [0.9, 2.7]), fold([2.0, 2.0], [2.0, 1.6]), fold([1.0, 1.0], [1.1, 1.1])]
+    per_fold, mean, error = fold_changes(folds, "lpl", "hf_error", 0)
+    assert per_fold == pytest.approx([-10.0, -10.0, 10.0])
+    assert mean == pytest.approx(-10 / 3) and error == pytest.approx(np.std([-10, -10, 10], ddof=1) / 3 ** 0.5)
+    assert fold_changes(folds, "lpl", "lpl", 0) is None  # above the gate: no LPL figure
+
+
+def test_lpl_share_is_the_weighted_loss_over_the_total(tmp_path):
+    from replicate import lpl_share
+    lines = [dict(step=1, loss=4.0, diffusion=1.0), dict(step=2, loss=2.0, diffusion=1.0),
+             dict(step=2, eval="ema", diffusion=[9.0])]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert lpl_share(tmp_path / "log.jsonl") == pytest.approx(4.0 / 6.0)
+
+
+def test_the_gpu_presets_estimate_counts_a_training_step_and_stays_under_8_minutes(capsys):
     import replicate
-    monkeypatch.setattr(data_lib, "DEMO_TRAIN_CROPS", 4)
-    monkeypatch.setattr(data_lib, "DEMO_VALIDATION_CROPS", 1)
+    cost = replicate.main(["--preset", "gpu", "--estimate"])
+    assert "GPU minutes" in capsys.readouterr().out and 0 < cost["minutes"] <= 8
+    settings = replicate.parse_args(["--preset", "gpu", "--estimate"])
+    assert cost["steps"] == 3 * (1200 + 3 * 400 * 2)  # folds x (pre-training + seeds x post-training x arms)
+    # the model's part of a training step: forward + backward = 3 forwards, counted here on a real step
+    model = build_model("demo", in_channels=32, input_size=8)
+    z = torch.randn(2, 32, 8, 8)
+    with FlopCounterMode(display=False) as counter:
+        model(z, torch.rand(2)).square().mean().backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(z[:1], torch.rand(1))
+    assert counter.get_total_flops() == pytest.approx(3 * 2 * forward.get_total_flops(), rel=0.02)
+    assert settings.resolution == 128 and cost["gated_fraction"] == pytest.approx(0.56, abs=0.02)
+
+
+def test_replicate_runs_the_gpu_presets_path_over_folds_seeds_and_arms(tmp_path):
+    """The GPU preset (three seeds per arm, the paper's weight) at CPU size: two folds over four small photos of
+    --photos, two seeds, the paper's arm and a target-l2 arm; every run's flags, the tables, the plots."""
+    import replicate
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # smooth random photos, 80 x 96
+        small = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((96, 80), Image.BICUBIC).save(photos / f"photo{i}.png")
     out = tmp_path / "ab"
-    report = replicate.main(["--out", str(out), "--batch-size", "8", "--pre-steps", "2", "--post-steps", "2",
-                             "--val-samples", "4", "--val-draws", "2", "--samples", "4"])
+    report = replicate.main(["--out", str(out), "--preset", "gpu", "--model", "demo", "--resolution", "64",
+                             "--photos", str(photos), "--folds", "2", "--seeds", "0", "1", "--target-l2-weight", "100",
+                             "--batch-size", "8", "--pre-steps", "2", "--post-steps", "2", "--train-crops", "3",
+                             "--val-crops", "2", "--val-samples", "4", "--val-draws", "2", "--samples", "4"])
     assert report["command"].startswith("python replicate.py --out ")
-    pre = load(out / "pre" / "checkpoints" / "last.pt")
-    for arm in ("base", "lpl"):
-        checkpoint = load(out / f"{arm}-seed0" / "checkpoints" / "last.pt")
-        assert checkpoint["args"]["init_from"] == str(out / "pre" / "checkpoints" / "last.pt")
-        assert checkpoint["args"]["lpl"] is (arm == "lpl") and checkpoint["args"]["ema_decay"] == 0.995
-        assert not all(torch.equal(checkpoint["model"][k], pre["model"][k]) for k in pre["model"])
-    arms = report["figures"]["arms"]
-    assert arms["base"]["rows"] == arms["lpl"]["rows"] == 4 and arms["base"]["draws"] == 2
-    assert arms["base"]["psnr"] != arms["lpl"]["psnr"]  # two different models, evaluated alike
-    table = (out / "replicate.md").read_text()
-    assert table.count("| hf_error |") == len(train.VAL_LEVELS) and table.count("| lpl |") == 3  # tau = 1 at 64 px
+    figures = report["figures"]
+    assert [fold["held_out"] for fold in figures["folds"]] == [["photo0.png", "photo1.png"], ["photo2.png", "photo3.png"]]
+    for k in (1, 2):
+        pre = out / f"fold{k}" / "pre" / "checkpoints" / "last.pt"
+        for arm, flags in (("base", (False, 3.0, "shared")), ("lpl-w3", (True, 3.0, "shared")),
+                           ("lpl-target-l2-w100", (True, 100.0, "target-l2"))):
+            for seed in (0, 1):
+                args = load(out / f"fold{k}" / f"{arm}-seed{seed}" / "checkpoints" / "last.pt")["args"]
+                assert (args["lpl"], args["lpl_weight"], args["lpl_norm"]) == flags
+                assert (args["init_from"], args["seed"], args["ema_decay"]) == (str(pre), seed, 0.998)
+    assert figures["main_arm"] == "lpl-w3"
+    assert [row["arm"] for row in figures["sweep"]] == ["lpl-w3", "lpl-target-l2-w100"]
+    assert 0 < figures["sweep"][1]["share"] < figures["sweep"][0]["share"] < 1  # target-l2 terms are far smaller
+    text = (out / "replicate.md").read_text()
+    assert text.count("| (gate closed) |") == 4 and "| `--lpl --lpl-norm target-l2 --lpl-weight 100` |" in text
+    assert Image.open(out / "tradeoff.png").size == (900, 700) and Image.open(out / "spectra.png").size[0] > 0
     spectra = json.loads((out / "spectra.json").read_text())
-    assert set(spectra["band_error"]) == {"samples-base.npz", "samples-lpl.npz", "reconstructions.npz"}
-    assert Image.open(out / "spectra.png").size[0] > 0
+    assert list(spectra["band_error"]) == ["samples-base.npz", "samples-lpl-w3.npz", "samples-lpl-target-l2-w100.npz",
+                                           "held-out-reconstructions.npz"]
+    with np.load(out / "held-out-real.npz") as real:
+        assert real["arr_0"].shape == (2 * 2 * 2, 64, 64, 3)  # 2 folds x 2 held-out photos x 2 crops
