@@ -285,10 +285,7 @@ def format_report(report):
 
 
 def json_ready(value):
-    """Reports hold only numbers, strings, lists and dicts; tuples become lists, paths strings, non-finite floats
-    None."""
-    if isinstance(value, Path):
-        return str(value)
+    """Reports hold only numbers, strings, lists and dicts; tuples become lists, non-finite floats None."""
     if isinstance(value, dict):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

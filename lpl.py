@@ -132,7 +132,8 @@ class LatentPerceptualLoss(nn.Module):
                 quantile_samples)
         require(min(margin, closing, opening) >= 0, "margin, closing and opening", ">= 0",
                 (margin, closing, opening))
-        require(max_samples is None or max_samples > 0, "max_samples", "None or a positive count", max_samples)
+        require(max_samples is None or max_samples > 0, "max_samples", "None or a positive count",
+                max_samples)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.n_blocks, self.threshold = n_blocks, threshold  # the taps, the gate
         self.norm, self.mask_from, self.depth_weights = norm, mask_from, depth_weights  # how layers compare

@@ -287,7 +287,8 @@ def benchmark_replicate(settings, log=print):
     """Every fold (replicate_fold), then the changes over folds, the tables, the trade-off plot and the spectra of the
     pooled samples against the pooled held-out crops. Returns the report (bench.py's layout)."""
     device, out, started = default_device(), Path(settings.out), time.perf_counter()
-    report = new_report("replicate", settings.argv, device, settings_dict(settings), program="replicate.py")
+    shown_settings = dict(settings_dict(settings), photo_files=[photo.name for photo in settings.photo_files])
+    report = new_report("replicate", settings.argv, device, shown_settings, program="replicate.py")
     arms = arms_of(settings)
     ae = load_autoencoder(data.DEMO_VAE, device=device, verbose=False)
     lpl = LatentPerceptualLoss(ae)  # the LPL figure of every arm: the distance of the paper's setting
