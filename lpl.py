@@ -11,13 +11,11 @@
     delta, tau         the gate: only low-noise samples (sigma/alpha <= tau) get the loss       (gate, tau)
 
 and L_tot = L_diff + w_LPL * L_LPL, z0_hat from the network's output by Table 1 (schedules.x0_from_pred).
-Where the paper is silent, each choice is an argument, is tested, and is explained where it is made.
 """
 
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime import require
@@ -39,9 +37,8 @@ def channel_stats(phi, eps=1e-6):
 
 def normalize(phi, phi_hat, norm):
     """(a, b, scale) with phi' - phi_hat' = (a - b) / scale. "shared" (Sec. 3.2): both standardised with
-    phi_hat's statistics, detached: the mean cancels, the loss is ||phi - phi_hat||^2 / var(phi_hat), and a
-    gradient through var(phi_hat) would reward the network for inflating it. "separate" (the ablation): each
-    with its own statistics. "target-l2": both over phi's L2 norm across channels (diffusers' LPL example)."""
+    phi_hat's detached statistics; the mean cancels, the loss is ||phi - phi_hat||^2 / var(phi_hat), and no
+    gradient rewards inflating var. "separate": each its own. "target-l2": over phi's L2 norm (diffusers)."""
     if norm == "shared":
         return phi, phi_hat, channel_stats(phi_hat.detach())[1]
     if norm == "separate":
@@ -72,11 +69,6 @@ class MaskedSquaredDistance(torch.autograd.Function):
 
 
 # ---- Outlier masks rho ----------------------------------------------------------------------------------
-def odd_kernel(size):
-    """The odd integer kernel nearest below size + 1 (1 means: no morphology at this resolution)."""
-    return 2 * int(size // 2) + 1
-
-
 def morphology(mask, k, erode=False):
     """Dilation (any) or erosion (all) of a bool mask over a k x k window, as a k x k max-pool (padding counts
     for neither). Separable, k x 1 then 1 x k: 2k reads per pixel, not k^2; no float copy."""
@@ -88,32 +80,27 @@ def morphology(mask, k, erode=False):
 
 
 def outlier_mask(phi, quantile=0.02, margin=2.0, closing=1, opening=1, samples=None):
-    """rho, (N, C, H, W) -> bool: True inside [q_quantile - margin std, q_(1-quantile) + margin std] of its
-    channel map; a closing then fills outlier specks (isolated crossings are detector noise), an opening
-    removes inlier islands in outlier regions."""
+    """rho, (N, C, H, W) -> bool: inside [q_quantile - margin std, q_(1-quantile) + margin std] per channel;
+    a closing fills outlier specks (detector noise), an opening removes inlier islands in outlier regions."""
     flat = phi.flatten(2)  # (N, C, H*W)
-    pixels = flat.shape[-1]
     # The quantiles of every stride-th pixel, ~samples values (None: all): the bounds lie 2 std beyond them,
     # where few pixels are. An odd stride walks across the columns of a power-of-two-wide map.
-    stride = (pixels // (samples or pixels)) | 1
+    stride = (flat.shape[-1] // (samples or flat.shape[-1])) | 1
     sample = flat[..., ::stride]
     low = sample.kthvalue(max(1, round(quantile * sample.shape[-1])), dim=-1).values  # (N, C)
     high = sample.kthvalue(max(1, round((1 - quantile) * sample.shape[-1])), dim=-1).values
     spread = margin * flat.std(dim=-1).float()  # bounds in float32; a bf16 map's std moves them by < 0.01 std
     rho = (phi >= (low - spread)[..., None, None]) & (phi <= (high + spread)[..., None, None])
-    rho = morphology(rho, closing)  # closing: dilate, then erode
-    rho = morphology(rho, closing, erode=True)
-    rho = morphology(rho, opening, erode=True)  # opening: erode, then dilate
-    return morphology(rho, opening)
+    rho = morphology(morphology(rho, closing), closing, erode=True)  # closing: dilate, then erode
+    return morphology(morphology(rho, opening, erode=True), opening)  # opening: erode, then dilate
 
 
 # ---- The loss -------------------------------------------------------------------------------------------
-class LatentPerceptualLoss(nn.Module):
+class LatentPerceptualLoss(torch.nn.Module):
     """LPL of Eq. (3): forward(z0_hat, z0, sigma_ratio) -> (loss, stats); per_sample: the bracket, ungated.
-    n_blocks: decoder taps (1 = mid block, 5 = mid + 4 up blocks, "LPL-5 blocks"); None: all up to 5.
-    threshold: tau at 256 px, in sigma/alpha (Fig. 6: best 3-6). quantile ... opening: see outlier_mask.
-    max_samples: at most this many random gated samples, reweighted by gated / chosen (unbiased, noisier).
-    checkpointing: recompute phi_hat's decoder in the backward. compile: the decoder, once for any batch."""
+    n_blocks: decoder taps (1 = mid block, 5 = mid + 4 up blocks, "LPL-5 blocks"; None: all up to 5);
+    threshold: tau at 256 px, in sigma/alpha (Fig. 6: best 3-6); quantile ... opening: see outlier_mask.
+    Cost: max_samples (see gate); checkpointing recomputes phi_hat's decoder; compile: one graph."""
 
     def __init__(self, autoencoder, n_blocks=None, threshold=4.0, norm="shared", mask_from="prediction",
                  depth_weights="resolution", quantile=0.02, margin=2.0, quantile_samples=4096, closing=3,
@@ -121,38 +108,41 @@ class LatentPerceptualLoss(nn.Module):
         super().__init__()
         taps = autoencoder.num_feature_blocks
         n_blocks = min(5, taps) if n_blocks is None else n_blocks
-        # Each option is checked here, named first in its message (train.py passes its flags through).
         require(1 <= n_blocks <= taps, "n_blocks", f"in 1..{taps}, this decoder's feature taps", n_blocks)
         require(threshold > 0, "threshold", "positive", threshold)
         require(norm in NORMS, "norm", f"one of {NORMS}", norm)
         require(mask_from in MASK_SOURCES, "mask_from", "prediction, target or none", mask_from)
         require(depth_weights in DEPTH_WEIGHTS, "depth_weights", "resolution or uniform", depth_weights)
         require(0 < quantile < 0.5, "quantile", "in (0, 0.5)", quantile)
-        require(quantile_samples is None or quantile_samples >= 1, "quantile_samples", "None or >0",
-                quantile_samples)
-        require(min(margin, closing, opening) >= 0, "margin, closing and opening", ">= 0",
-                (margin, closing, opening))
-        require(max_samples is None or max_samples > 0, "max_samples", "None or a positive count",
-                max_samples)
+        require(margin >= 0, "margin", ">= 0", margin)
+        require(min(closing, opening) >= 0, "closing and opening", ">= 0", (closing, opening))
+        for name, count in (("quantile_samples", quantile_samples), ("max_samples", max_samples)):
+            require(count is None or count > 0, name, "None or a positive count", count)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.n_blocks, self.threshold = n_blocks, threshold  # the taps, the gate
+        self.n_blocks, self.threshold, self.max_samples = n_blocks, threshold, max_samples  # taps, gate, cap
         self.norm, self.mask_from, self.depth_weights = norm, mask_from, depth_weights  # how layers compare
         self.quantile, self.margin, self.quantile_samples = quantile, margin, quantile_samples  # rho's bounds
-        self.closing, self.opening = closing, opening  # rho's kernels
-        self.max_samples, self.checkpointing = max_samples, checkpointing  # cost
+        self.closing, self.opening, self.checkpointing = closing, opening, checkpointing  # kernels; cost
         self.compiled = torch.compile(autoencoder.decoder_features) if compile else None
 
     def tau(self, resolution):
         """tau at this image resolution: scaled by resolution / 256, the upscaling factor (Sec. 4.1)."""
         return self.threshold * resolution / 256
 
-    def gate(self, sigma_ratio, resolution, generator=None):
-        """Indices of the samples that get the loss, how many passed delta(sigma/alpha <= tau), the weight."""
-        gated = torch.nonzero(sigma_ratio <= self.tau(resolution)).squeeze(1)
-        if self.max_samples is None or len(gated) <= self.max_samples:
-            return gated, len(gated), 1.0
-        chosen = torch.randperm(len(gated), generator=generator, device=gated.device)[: self.max_samples]
-        return gated[chosen], len(gated), len(gated) / self.max_samples
+    def gate(self, sigma_ratio, resolution, keys=None, generator=None):
+        """delta(sigma/alpha <= tau) -> (indices of the samples that get the loss, how many passed, weight).
+        Over max_samples K: the K gated samples of smallest keys (default: uniform draws), weight passed/K."""
+        gated = sigma_ratio <= self.tau(resolution)
+        passed = int(gated.sum())
+        if self.max_samples is None or passed <= self.max_samples:
+            return gated.nonzero().squeeze(1), passed, 1.0
+        keys = torch.rand(len(gated), generator=generator, device=gated.device) if keys is None else keys
+        chosen = torch.where(gated, keys, math.inf).argsort()[: self.max_samples]
+        return chosen, passed, passed / self.max_samples
+
+    def kernels(self, side):
+        """rho's closing and opening kernels on a side x side map, scaled with it (Sec. 4.1); 1 = none."""
+        return [2 * int(k * side / 256 // 2) + 1 for k in (self.closing, self.opening)]
 
     def features(self, z0_hat, z0):
         """Eq. (2): phi (without autograd) and phi_hat, coarse to fine."""
@@ -165,15 +155,14 @@ class LatentPerceptualLoss(nn.Module):
 
     @torch.no_grad()
     def masks(self, phi, phi_hat):
-        """rho per layer, of phi_hat as Eq. 3 writes it or of phi as the public code (a mask of the prediction
-        lets the network drop pixels by making outliers). Kernels scale with the map, as in Sec. 4.1."""
+        """rho per layer: of phi_hat (Eq. 3), or of phi (public code; phi_hat's lets the net mask pixels)."""
         if self.mask_from == "none":
             return [None] * len(phi)
         masks = []
         for source in phi_hat if self.mask_from == "prediction" else phi:
-            scale = source.shape[-2] / 256
-            kernels = odd_kernel(self.closing * scale), odd_kernel(self.opening * scale)
-            masks.append(outlier_mask(source, self.quantile, self.margin, *kernels, self.quantile_samples))
+            closing, opening = self.kernels(source.shape[-2])
+            masks.append(outlier_mask(source, self.quantile, self.margin, closing, opening,
+                                      samples=self.quantile_samples))
         return masks
 
     def layer_terms(self, phi, phi_hat, masks):
@@ -194,18 +183,15 @@ class LatentPerceptualLoss(nn.Module):
         return torch.stack(terms).sum(dim=0), terms, masks
 
     def forward(self, z0_hat, z0, sigma_ratio, generator=None, chosen=None):
-        """Eq. (3) over the batch. chosen: the gate's (indices, passed, weight), drawn by the caller (train.py
-        draws it over all ranks)."""
+        """Eq. (3) over the batch. chosen: the gate's (indices, passed, weight) if drawn by the caller."""
         batch = z0_hat.shape[0]
         resolution = math.sqrt(z0.shape[-2] * z0.shape[-1]) * self.autoencoder.downsample  # image side
-        gated, passed, weight = chosen or self.gate(sigma_ratio, resolution, generator)
+        gated, passed, weight = chosen or self.gate(sigma_ratio, resolution, generator=generator)
         zero = z0_hat.new_zeros((), dtype=torch.float32)
         stats = {"gated_fraction": zero + passed / batch, "decoded_fraction": zero + len(gated) / batch}
+        stats.update({f"{name}{l}": zero for l in range(self.n_blocks) for name in ("layer", "outliers")})
         if len(gated) == 0:  # nothing to decode: a zero loss, no decoder call
-            for l in range(self.n_blocks):
-                stats[f"layer{l}"] = stats[f"outliers{l}"] = zero
             return zero, stats
-        gated = gated.to(z0_hat.device, non_blocking=True)
         values, terms, masks = self.per_sample(z0_hat[gated], z0[gated])  # only gated samples are decoded
         loss = weight * values.sum() / batch  # the expectation with delta inside: sum over gated / batch
         for l, (term, rho) in enumerate(zip(terms, masks)):

@@ -50,7 +50,7 @@ import sample as sample_module
 import train
 from autoencoder import build_kl_autoencoder, save_autoencoder
 from data import EpochSampler, LatentDataset, Prefetcher, check_dataset
-from lpl import LatentPerceptualLoss, normalize, odd_kernel, outlier_mask
+from lpl import LatentPerceptualLoss, normalize, outlier_mask
 from model import MODELS, MMDiT, backbone_diffusion, backbone_state_dict, build_model
 from sample import (ddim_step, ddpm_step, default_cfg_scale, latents_to_uint8, main, mmdit_model_fn, null_condition,
                     respaced_steps, sample, sample_share, sampling_times, save_grid, sde_step, shard_ranges,
@@ -2430,10 +2430,11 @@ def test_outlier_mask():
     assert outlier_mask(single, closing=3, opening=1)[0, 0, 10, 10] == 1
 
 
-def test_kernel_sizes_scale_with_the_map_and_the_image():
+def test_kernel_sizes_scale_with_the_map_and_the_image(kl):
     # kernels are given for a map at the full resolution of a 256 image: k_l = odd(k * r_l / 256)
-    assert [odd_kernel(5 * r / 256) for r in (32, 64, 128, 256, 512)] == [1, 1, 3, 5, 11]
-    assert [odd_kernel(3 * r / 256) for r in (32, 64, 128, 256, 512)] == [1, 1, 1, 3, 7]
+    sizes = [LatentPerceptualLoss(kl, closing=3, opening=5).kernels(r) for r in (32, 64, 128, 256, 512)]
+    assert [closing for closing, _ in sizes] == [1, 1, 1, 3, 7]
+    assert [opening for _, opening in sizes] == [1, 1, 3, 5, 11]
 
 
 def test_mask_source_is_selectable(taef2):
@@ -2480,7 +2481,7 @@ def test_decoder_is_frozen_and_bad_arguments_are_named(kl):
                          (dict(threshold=0), "threshold must be positive"), (dict(norm="lpips"), "norm must be one of"),
                          (dict(mask_from="both"), "mask_from must be prediction, target or none"),
                          (dict(depth_weights="log"), "depth_weights must be resolution or uniform"),
-                         (dict(quantile=0.5), "quantile must be in"), (dict(quantile_samples=0), "quantile_samples must"),
+                         (dict(quantile=0.5), "quantile must be in"), (dict(quantile_samples=0), "quantile_samples must be None or a positive count"),
                          (dict(opening=-1), "closing and opening must be >= 0"), (dict(max_samples=0), "max_samples must")]:
         with pytest.raises(ValueError, match=message):
             LatentPerceptualLoss(kl, **bad)
@@ -2540,9 +2541,9 @@ def test_exact_quantile_path_is_the_old_mask_and_loss(kl):
     loss.backward()
     old_hat = base.clone().requires_grad_()
     phi_hat, phi = kl.decoder_features(old_hat, 5), kl.decoder_features(z0, 5)
+    kernels = LatentPerceptualLoss(kl).kernels
     old = sum(phi[0].shape[-2] / p.shape[-2] * old_layer_term(p, p_hat, old_outlier_mask(
-        p_hat.detach(), 0.02, 2.0, odd_kernel(3 * p.shape[-2] / 256), odd_kernel(5 * p.shape[-2] / 256)))
-        for p, p_hat in zip(phi, phi_hat)).sum() / len(z0)
+        p_hat.detach(), 0.02, 2.0, *kernels(p.shape[-2]))) for p, p_hat in zip(phi, phi_hat)).sum() / len(z0)
     old.backward()
     torch.testing.assert_close(loss.detach(), old.detach(), rtol=1e-6, atol=0)
     torch.testing.assert_close(z0_hat.grad, old_hat.grad, rtol=1e-4, atol=1e-9)
