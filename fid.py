@@ -53,7 +53,7 @@ from tqdm import tqdm
 from inception import (FEATURE_DIM, FID_WEIGHTS_NAME, FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL,  # noqa: F401
                        INCEPTION_SIZE, NUM_LOGITS, RESIZE_METHOD, SPATIAL_DIM, SPATIAL_LAYER, InceptionV3,
                        inception_features, inception_outputs, resize, sha256_of, tf_avg_pool)
-from plot import COLORS, plot_spectra  # noqa: F401 (COLORS: fid.COLORS, as before)
+from plot import COLORS, plot_spectra  # noqa: F401 (COLORS: fid.COLORS, re-exported)
 from runtime import IMAGE_SUFFIXES, UserError, atomic_output, one_line_errors, rgb_image, write_json, write_text
 
 # ----------------------------------------------------------------------------------------------------------------

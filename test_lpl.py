@@ -2489,8 +2489,8 @@ def test_decoder_is_frozen_and_bad_arguments_are_named(kl):
 
 # ---- the cost of the loss: masks at memory speed, a lean backward, a compiled decoder -------------------------
 
-def old_outlier_mask(phi, quantile=0.02, margin=2.0, closing=1, opening=1):
-    """The previous lpl.py's mask: a float32 copy, kthvalue over every pixel, k x k float32 max-pools."""
+def plain_outlier_mask(phi, quantile=0.02, margin=2.0, closing=1, opening=1):
+    """The mask written plainly: a float32 copy, kthvalue over every pixel, k x k float32 max-pools."""
     flat = phi.float().flatten(2)
     n = flat.shape[-1]
     low = flat.kthvalue(max(1, round(quantile * n)), dim=-1).values
@@ -2502,8 +2502,8 @@ def old_outlier_mask(phi, quantile=0.02, margin=2.0, closing=1, opening=1):
     return pool(-pool(-rho, opening), opening)
 
 
-def old_layer_term(phi, phi_hat, rho):
-    """The previous lpl.py's term (shared norm) as autograd ran it: float32 copies, (phi' - phi_hat')^2, rho * it."""
+def plain_layer_term(phi, phi_hat, rho):
+    """The term (shared norm) written plainly, for autograd: float32 copies, (phi' - phi_hat')^2, rho * it."""
     phi, phi_hat = phi.float(), phi_hat.float()
     mean = phi_hat.detach().mean(dim=(2, 3), keepdim=True)
     std = (phi_hat.detach().var(dim=(2, 3), keepdim=True, correction=0) + 1e-6).sqrt()
@@ -2528,12 +2528,12 @@ def test_separable_morphology_is_bit_identical_to_a_k_by_k_max_pool(k):
     assert k == 1 or not torch.equal(morphology(mask, k), mask)
 
 
-def test_exact_quantile_path_is_the_old_mask_and_loss(kl):
-    """quantile_samples=None is the previous implementation: the same masks (heavy-tailed maps, kernels 3 and 5)
+def test_exact_quantile_path_is_the_plain_mask_and_loss(kl):
+    """quantile_samples=None is the plain implementation: the same masks (heavy-tailed maps, kernels 3 and 5)
     and, in float32, the same loss and gradient to float rounding."""
     gen = torch.Generator().manual_seed(0)
     phi = torch.randn(2, 4, 40, 40, generator=gen) ** 3
-    assert torch.equal(outlier_mask(phi, 0.02, 2.0, 3, 5, samples=None), old_outlier_mask(phi, 0.02, 2.0, 3, 5) > 0)
+    assert torch.equal(outlier_mask(phi, 0.02, 2.0, 3, 5, samples=None), plain_outlier_mask(phi, 0.02, 2.0, 3, 5) > 0)
     z0 = latents(kl)
     base = z0 + 0.3 * torch.randn(z0.shape, generator=gen)
     z0_hat = base.clone().requires_grad_()
@@ -2542,7 +2542,7 @@ def test_exact_quantile_path_is_the_old_mask_and_loss(kl):
     old_hat = base.clone().requires_grad_()
     phi_hat, phi = kl.decoder_features(old_hat, 5), kl.decoder_features(z0, 5)
     kernels = LatentPerceptualLoss(kl).kernels
-    old = sum(phi[0].shape[-2] / p.shape[-2] * old_layer_term(p, p_hat, old_outlier_mask(
+    old = sum(phi[0].shape[-2] / p.shape[-2] * plain_layer_term(p, p_hat, plain_outlier_mask(
         p_hat.detach(), 0.02, 2.0, *kernels(p.shape[-2]))) for p, p_hat in zip(phi, phi_hat)).sum() / len(z0)
     old.backward()
     torch.testing.assert_close(loss.detach(), old.detach(), rtol=1e-6, atol=0)
@@ -2601,11 +2601,11 @@ def test_closed_form_backward_equals_autograd():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_terms_keep_at_least_2x_fewer_bytes_for_backward_than_before(kl, autocast):
-    """Saved-for-backward bytes of each layer's term (saved_tensors_hooks), against the previous implementation
-    re-run here: 8 bytes per element of a map before (float32 difference and float32 mask); now the one map of the
+def test_terms_keep_at_least_2x_fewer_bytes_for_backward_than_autograd(kl, autocast):
+    """Saved-for-backward bytes of each layer's term (saved_tensors_hooks), against the plain implementation
+    run by autograd: 8 bytes per element of a map (float32 difference and float32 mask); lpl.py keeps the one map of the
     closed-form backward, in the features' dtype: 4 bytes in float32 (2x less), 2 under bf16 autocast (4x less).
-    At this size (kl, 4 latents of 8x8: maps 64x8x8 .. 32x64x64) the five terms kept 11.1 MB before; now 5.6 MB in
+    At this size (kl, 4 latents of 8x8: maps 64x8x8 .. 32x64x64) the five plain terms keep 11.1 MB; lpl.py's 5.6 MB in
     float32, 2.8 MB under bf16 autocast."""
     lpl = LatentPerceptualLoss(kl, n_blocks=5)
     z0 = latents(kl)
@@ -2615,7 +2615,7 @@ def test_terms_keep_at_least_2x_fewer_bytes_for_backward_than_before(kl, autocas
         masks = lpl.masks(phi, phi_hat)
         for l in range(5):
             new = saved_for_backward(lambda: lpl.layer_terms([phi[l]], [phi_hat[l]], [masks[l]]))
-            old = saved_for_backward(lambda: old_layer_term(phi[l], phi_hat[l], masks[l]))
+            old = saved_for_backward(lambda: plain_layer_term(phi[l], phi_hat[l], masks[l]))
             elements = phi[l].numel()
             assert old >= 8 * elements and new <= (2 if autocast else 4) * elements
             assert old >= (4 if autocast else 2) * new
@@ -3300,7 +3300,7 @@ def test_cfg_channels_guides_the_first_channels_and_takes_the_rest_from_the_cond
                     null_cond=null, cfg_channels=3, generator=torch.Generator().manual_seed(0))
     expected = sample(mixed, diffusion, noise, steps=5, sampler="ddpm", generator=torch.Generator().manual_seed(0))
     assert torch.allclose(guided, expected, atol=1e-5)
-    everything = dict(cfg_scale=2.0, cond=cond, null_cond=null, steps=5)  # default: all 4 channels, as before
+    everything = dict(cfg_scale=2.0, cond=cond, null_cond=null, steps=5)  # default: all 4 channels
     assert torch.equal(sample(label_model, diffusion, noise, **everything),
                        sample(label_model, diffusion, noise, **everything, cfg_channels=4))
 
@@ -5397,7 +5397,7 @@ def test_stats_writes_all_three_and_eval_reads_an_older_stats_file(tmp_path, inc
     samples = write_npz(tmp_path / "samples.npz", pixels)
     report = run_eval(tmp_path, inception_weights, older, [samples], "--prdc-k", "3")
     assert report["sfid"] is None and "no mu_s / sigma_s" in report["missing"]["sfid"]
-    assert report["fid"] < 1e-20 and report["precision"] == report["recall"] == 1  # the rest as before
+    assert report["fid"] < 1e-20 and report["precision"] == report["recall"] == 1  # the rest unchanged
     assert "| samples.npz | 4 | 0.000 | n/a |" in report["markdown_row"]
 
 
@@ -5709,7 +5709,7 @@ def test_lpl_bench_splits_the_step_and_counts_saved_bytes(tmp_path, capsys):
 def test_lpl_subbatch_spread_of_identical_draws_is_exactly_zero(monkeypatch):
     """k >= gated decodes the full batch at every draw: identical losses, whose spread must be 0. numpy's float32 std
     of three copies of this loss is 3.7e-9 (the mean rounds); the statistics are taken in float64."""
-    loss = torch.tensor(0.0539226159453392)  # float32, the tiny suite's full-batch loss before this fix
+    loss = torch.tensor(0.0539226159453392)  # float32: a full-batch loss of the tiny suite
     monkeypatch.setattr(bench, "lpl_value_and_gradient", lambda *args, **kwargs: (loss, torch.ones(3)))
     report = bench.benchmark_lpl_subbatch(bench.parse_args(["lpl-subbatch", "--resolution", "32", "--batch-size", "8",
                                                             "--vae-ch", "32", "--lpl-threshold", "32",
